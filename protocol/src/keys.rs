@@ -155,6 +155,7 @@ impl PairKeys {
 
 /// The AES-256-GCM key of one exchange in one direction, with the direction IV and `seq` the
 /// item nonces are built from.
+#[derive(Clone)]
 pub struct ExchangeKey {
     pub(crate) cipher: Aes256Gcm,
     pub(crate) iv: [u8; IV_LEN],

@@ -74,7 +74,7 @@ impl ExchangeContext {
 }
 
 /// Seals and opens the items of one exchange in one direction.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ItemCipher {
     key: ExchangeKey,
     context: ExchangeContext,

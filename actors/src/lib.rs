@@ -1,0 +1,26 @@
+//! Actors of api-relay: the live state of every pair and where it is kept.
+//!
+//! Layout:
+//!
+//! - [`session`]: `PeerSession`, one actor per pair on one relay. It owns the pair's keys and
+//!   serialises its state transitions: allocating `seq` on relay A, accepting `seq` against the
+//!   replay window on relay B, expiring.
+//! - [`registry`]: `SessionRegistry`, the map from pair id to live `PeerSession`, which loads a
+//!   session from the state store on a miss.
+//! - [`store`]: the `StateStore` trait and its embedded in-memory implementation.
+//! - [`snapshot`]: `PairSnapshot`, the serialisable copy of a session the store keeps.
+//!
+//! Request path: an HTTP handler asks the registry for the pair's `PeerSession`, sends it one
+//! message (`AllocateSeq` or `AcceptSeq`) and gets back the `seq` and the pair keys. The handler
+//! then does all sealing and I/O itself, so one busy pair never makes another wait.
+#![forbid(unsafe_code)]
+
+pub mod registry;
+pub mod session;
+pub mod snapshot;
+pub mod store;
+
+pub use registry::{SessionHandle, SessionRegistry};
+pub use session::{AcceptSeq, AllocateSeq, Exchange, PeerSession, SessionError, SessionLimits};
+pub use snapshot::{PairSnapshot, Role};
+pub use store::{MemoryStore, StateStore, StoreError};

@@ -1,0 +1,213 @@
+//! Header handling on both hops: which headers travel, and the header block each relay seals.
+//!
+//! Hop-by-hop headers (`Connection` and every name it lists, `Keep-Alive`, `TE`, `Trailer`,
+//! `Transfer-Encoding`, `Upgrade`, `Proxy-*`) describe one connection and are dropped at every
+//! relay. `x-mte-*` control headers never reach the upstream API or the application. `Host` is
+//! dropped so the client sets the next hop's authority, and `Expect` is answered by each hop.
+
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use api_relay_protocol::fields::{self, Field, FieldLimits};
+
+use crate::error::RelayError;
+
+/// Prefix of the relay's control headers.
+pub const CONTROL_PREFIX: &str = "x-mte-";
+/// Relay A to relay B: the exchange's control header.
+pub const RELAY: &str = "x-mte-relay";
+/// Both directions: the header block, base64url, sealed unless `x-mte-encode-headers: false`.
+pub const RELAY_EH: &str = "x-mte-relay-eh";
+/// Application to relay A: the shared token that makes a request outbound.
+pub const OUTBOUND_TOKEN: &str = "x-mte-outbound-token";
+/// Application to relay A: the peer relay's origin.
+pub const UPSTREAM: &str = "x-mte-upstream";
+/// Application to relay A: `MKE` (default) or `MTE`.
+pub const ENCODE_TYPE: &str = "x-mte-encode-type";
+/// Application to relay A: `false` sends the header block unsealed.
+pub const ENCODE_HEADERS: &str = "x-mte-encode-headers";
+/// Application to relay A: `false` sends the path and query unsealed.
+pub const ENCODE_URL: &str = "x-mte-encode-url";
+/// Pseudo-field carrying the request method in a request block.
+pub const PSEUDO_METHOD: &str = ":method";
+/// Pseudo-field carrying the status in a response block.
+pub const PSEUDO_STATUS: &str = ":status";
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+];
+
+/// Whether `name` must not be forwarded, given the names the `Connection` header lists.
+fn is_dropped(name: &HeaderName, connection_listed: &[String]) -> bool {
+    let name = name.as_str();
+    HOP_BY_HOP.contains(&name)
+        || name.starts_with("proxy-")
+        || name.starts_with(CONTROL_PREFIX)
+        || name == "host"
+        || connection_listed.iter().any(|listed| listed == name)
+}
+
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect()
+}
+
+/// The end-to-end headers of `headers`, in the order the map keeps: repeated names stay in
+/// their received order.
+pub fn end_to_end(headers: &HeaderMap) -> Vec<Field> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(name, _)| !is_dropped(name, &listed))
+        .map(|(name, value)| (name.as_str().as_bytes().to_vec(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Merges the application's `X-Forwarded-For` lines and its address into one line, and sets
+/// `X-Forwarded-Proto`, so the upstream API sees exactly one of each.
+pub fn add_forwarded(fields: &mut Vec<Field>, client_ip: Option<String>, scheme: &str) {
+    let mut chain: Vec<String> = Vec::new();
+    fields.retain(|(name, value)| match name.as_slice() {
+        b"x-forwarded-for" => {
+            chain.push(String::from_utf8_lossy(value).trim().to_owned());
+            false
+        }
+        b"x-forwarded-proto" => false,
+        _ => true,
+    });
+    chain.extend(client_ip);
+    chain.retain(|entry| !entry.is_empty());
+    if !chain.is_empty() {
+        fields.push((b"x-forwarded-for".to_vec(), chain.join(", ").into_bytes()));
+    }
+    fields.push((b"x-forwarded-proto".to_vec(), scheme.as_bytes().to_vec()));
+}
+
+/// Encodes a block with its pseudo-field first.
+pub fn encode_block(pseudo: &str, pseudo_value: &str, fields: &[Field]) -> Vec<u8> {
+    let mut all: Vec<(&[u8], &[u8])> = Vec::with_capacity(fields.len() + 1);
+    all.push((pseudo.as_bytes(), pseudo_value.as_bytes()));
+    all.extend(fields.iter().map(|(name, value)| (name.as_slice(), value.as_slice())));
+    fields::encode(&all)
+}
+
+/// A decoded header block: its pseudo-field value and the ordinary headers.
+pub struct Block {
+    pub pseudo: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Block {
+    /// The `Content-Length` the block declares, if any.
+    pub fn content_length(&self) -> Option<u64> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name == header::CONTENT_LENGTH)
+            .and_then(|(_, value)| value.to_str().ok()?.trim().parse().ok())
+    }
+
+    /// Every header except `Content-Length`, which the body framing sets.
+    pub fn without_length(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.headers.iter().filter(|(name, _)| name != header::CONTENT_LENGTH)
+    }
+}
+
+/// Decodes a block and checks its pseudo-field and every name and value.
+///
+/// # Errors
+/// `RelayError` with code 562 (open failed) when the block is malformed: a block that
+/// authenticated but does not parse was sealed by a broken or hostile peer.
+pub fn decode_block(bytes: &[u8], pseudo: &str, limits: FieldLimits) -> Result<Block, RelayError> {
+    let fields = fields::decode(bytes, limits)?;
+    let mut iter = fields.into_iter();
+    let invalid = |reason: &str| {
+        RelayError::relay(crate::error::RelayCode::OpenFailed, format!("malformed header block: {reason}"))
+    };
+    let (first_name, first_value) = iter.next().ok_or_else(|| invalid("missing pseudo-field"))?;
+    if first_name != pseudo.as_bytes() {
+        return Err(invalid("missing pseudo-field"));
+    }
+    let pseudo = String::from_utf8(first_value).map_err(|_| invalid("pseudo-field is not text"))?;
+    let mut headers = Vec::with_capacity(iter.len());
+    for (name, value) in iter {
+        let name = HeaderName::from_bytes(&name).map_err(|_| invalid("invalid header name"))?;
+        let value = HeaderValue::from_bytes(&value).map_err(|_| invalid("invalid header value"))?;
+        if !is_dropped(&name, &[]) {
+            headers.push((name, value));
+        }
+    }
+    Ok(Block { pseudo, headers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_control_headers_are_dropped() {
+        let headers = map(&[
+            ("connection", b"keep-alive, x-private"),
+            ("x-private", b"1"),
+            ("keep-alive", b"timeout=5"),
+            ("proxy-authorization", b"basic x"),
+            ("x-mte-outbound-token", b"secret"),
+            ("host", b"relay-a"),
+            ("te", b"trailers"),
+            ("accept", b"*/*"),
+        ]);
+        let names: Vec<Vec<u8>> = end_to_end(&headers).into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names, vec![b"accept".to_vec()]);
+    }
+
+    #[test]
+    fn repeated_and_binary_values_keep_order() {
+        let headers = map(&[("x-multi", b"one"), ("x-multi", b"two"), ("x-bin", &[0x80, 0xfe])]);
+        let fields = end_to_end(&headers);
+        let multi: Vec<&[u8]> =
+            fields.iter().filter(|(n, _)| n == b"x-multi").map(|(_, v)| v.as_slice()).collect();
+        assert_eq!(multi, vec![b"one".as_slice(), b"two"]);
+        let block = encode_block(PSEUDO_METHOD, "GET", &fields);
+        let limits = FieldLimits { max_fields: 10, max_bytes: 1000 };
+        let decoded = decode_block(&block, PSEUDO_METHOD, limits).unwrap();
+        assert_eq!(decoded.pseudo, "GET");
+        assert!(decoded.headers.iter().any(|(_, v)| v.as_bytes() == [0x80, 0xfe]));
+    }
+
+    #[test]
+    fn forwarded_headers_become_one_line_each() {
+        let mut fields = vec![
+            (b"x-forwarded-for".to_vec(), b"10.0.0.1".to_vec()),
+            (b"x-forwarded-for".to_vec(), b"10.0.0.2".to_vec()),
+            (b"x-forwarded-proto".to_vec(), b"http".to_vec()),
+        ];
+        add_forwarded(&mut fields, Some("192.0.2.7".into()), "https");
+        assert_eq!(
+            fields,
+            vec![
+                (b"x-forwarded-for".to_vec(), b"10.0.0.1, 10.0.0.2, 192.0.2.7".to_vec()),
+                (b"x-forwarded-proto".to_vec(), b"https".to_vec()),
+            ]
+        );
+    }
+}

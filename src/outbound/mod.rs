@@ -1,0 +1,165 @@
+//! The outbound role (relay A): a request carrying `x-mte-outbound-token` is sealed and sent to
+//! the peer relay named by `x-mte-upstream`, and the peer's sealed answer is opened and returned.
+//!
+//! Steps: check the token (401), the peer origin (400) and the allow-list (403), read the
+//! options, take a pair from the pool, allocate `seq`, seal URL, header block and body, send,
+//! then open the answer. When the peer lost the pair (560), the pair expired (567) or the client
+//! id is no longer valid (566), relay A pairs again and retries once, provided it still holds the
+//! whole body (up to `RETRY_BUFFER_BYTES`).
+
+pub mod exchange;
+pub mod peer;
+pub mod pool;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use api_relay_actors::{AllocateSeq, SessionError};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
+
+use crate::body::{self, BodyError, Source};
+use crate::error::{RelayCode, RelayError};
+use crate::headers;
+use crate::server::{RelayState, Role};
+use exchange::{ExchangeOptions, SealedRequest};
+use peer::PeerOrigin;
+
+/// Handles one outbound request.
+///
+/// # Errors
+/// `RelayError` for every failure; its status is what the application sees.
+pub async fn handle(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<RelayState>,
+    clients: web::Data<crate::client::HopClients>,
+) -> Result<HttpResponse, RelayError> {
+    state.metrics.role(&request, Role::Outbound);
+    authorize(&request, &state)?;
+    let origin = peer_origin(&request)?;
+    if !origin.is_allowed(&state.config) {
+        tracing::warn!(peer = %origin, "x-mte-upstream rejected by OUTBOUND_ALLOWLIST");
+        return Err(RelayError::UpstreamNotAllowed);
+    }
+    let options = ExchangeOptions::from_request(&request)?;
+    let limit = state.config.max_body_bytes;
+    if declared_length(&request).is_some_and(|length| length > limit) {
+        return Err(RelayError::BodyTooLarge { limit });
+    }
+    let mut body = OutboundBody::read(payload, &options, &state).await?;
+    let plain = SealedRequest::plain_parts(&request);
+    for attempt in 0..2 {
+        let lease = state.pool.acquire(&origin, &clients.peer).await?;
+        let exchange = match lease.session.addr.send(AllocateSeq).await {
+            Ok(Ok(exchange)) => exchange,
+            Ok(Err(SessionError::Expired)) | Ok(Err(SessionError::Replay(_))) | Err(_) => {
+                state.pool.discard(&origin, &lease, false);
+                continue;
+            }
+        };
+        let sealed = SealedRequest::seal(&plain, &exchange, &options);
+        let Some(source) = body.source(attempt) else { break };
+        let response = exchange::send(&clients.peer, &origin, &sealed, source, &options, &state).await?;
+        let status = response.status().as_u16();
+        let retryable = body.is_replayable() && attempt == 0;
+        match RelayCode::from_status(status) {
+            None if status == 200 => return exchange::open_response(response, &sealed, &state).await,
+            None => return Err(exchange::peer_failure(response, status).await),
+            Some(code @ (RelayCode::StateNotFound | RelayCode::PairExpired | RelayCode::InvalidClientId)) => {
+                state.metrics.relay_error(code);
+                state.pool.discard(&origin, &lease, code == RelayCode::InvalidClientId);
+                if !retryable {
+                    return Err(RelayError::PeerRejected { status });
+                }
+                tracing::warn!(peer = %origin, status, reason = code.name(), "peer relay rejected the pair; pairing again and retrying once");
+                state.metrics.retry(code);
+            }
+            Some(code) => {
+                state.metrics.relay_error(code);
+                tracing::warn!(peer = %origin, status, reason = code.name(), "peer relay rejected the exchange");
+                return Err(RelayError::PeerRejected { status });
+            }
+        }
+    }
+    Err(RelayError::BadGateway { hop: "peer relay", reason: "no usable pair after pairing again".into() })
+}
+
+fn authorize(request: &HttpRequest, state: &RelayState) -> Result<(), RelayError> {
+    let expected = state.config.outbound_token.expose().as_bytes();
+    let presented =
+        request.headers().get(headers::OUTBOUND_TOKEN).map(|value| value.as_bytes()).unwrap_or_default();
+    if bool::from(presented.ct_eq(expected)) {
+        return Ok(());
+    }
+    tracing::warn!("outbound request with an invalid or missing x-mte-outbound-token");
+    Err(RelayError::Unauthorized)
+}
+
+fn peer_origin(request: &HttpRequest) -> Result<PeerOrigin, RelayError> {
+    let value = request.headers().get(headers::UPSTREAM).ok_or(RelayError::BadHeader {
+        header: "x-mte-upstream",
+        reason: "missing; set it to the peer relay's URL".into(),
+    })?;
+    let text = value
+        .to_str()
+        .map_err(|_| RelayError::BadHeader { header: "x-mte-upstream", reason: "not ASCII text".into() })?;
+    PeerOrigin::parse(text)
+}
+
+fn declared_length(request: &HttpRequest) -> Option<u64> {
+    request.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The application's body as relay A holds it.
+enum OutboundBody {
+    /// Read whole: small enough to keep for a retry, or an `MTE` body.
+    Buffered(Bytes),
+    /// Larger than the retry buffer: streamed once, the chunks already read first.
+    Streaming(Option<Source>),
+}
+
+impl OutboundBody {
+    async fn read(
+        payload: web::Payload,
+        options: &ExchangeOptions,
+        state: &RelayState,
+    ) -> Result<Self, RelayError> {
+        let limit = state.config.max_body_bytes;
+        let mut source = body::source::<_, BodyError>(payload.map(|item| item.map_err(BodyError::from)));
+        if options.encode_type == api_relay_protocol::EncodeType::Mte {
+            return Ok(OutboundBody::Buffered(body::collect(source, limit).await?));
+        }
+        let keep = state.config.retry_buffer_bytes as u64;
+        let mut chunks = Vec::new();
+        let mut held = 0u64;
+        while let Some(chunk) = source.next().await {
+            let chunk = chunk?;
+            held += chunk.len() as u64;
+            if held > limit {
+                return Err(RelayError::BodyTooLarge { limit });
+            }
+            chunks.push(chunk);
+            if held > keep {
+                return Ok(OutboundBody::Streaming(Some(body::prepend(chunks, source))));
+            }
+        }
+        Ok(OutboundBody::Buffered(chunks.concat().into()))
+    }
+
+    fn is_replayable(&self) -> bool {
+        matches!(self, OutboundBody::Buffered(_))
+    }
+
+    /// The body for one attempt; a streamed body has only one.
+    fn source(&mut self, attempt: usize) -> Option<Source> {
+        match self {
+            OutboundBody::Buffered(bytes) => {
+                let bytes = bytes.clone();
+                Some(futures_util::stream::once(async move { Ok(bytes) }).boxed_local())
+            }
+            OutboundBody::Streaming(source) if attempt == 0 => source.take(),
+            OutboundBody::Streaming(_) => None,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The pair pool of relay A: a few pairs per peer origin, created on first use.
+//!
+//! The first request to a peer pairs (one `POST /api/mte-pair` for the whole pool) while
+//! concurrent requests to the same peer wait for that pairing instead of starting their own.
+//! Later requests take the pool's pairs round-robin. When the peer reports it lost a pair (560)
+//! or the pair expired (567), the whole generation of pairs is dropped once, and the next
+//! request pairs again; a stale report about an older generation changes nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use api_relay_actors::{PairSnapshot, Role, SessionHandle, SessionRegistry};
+use api_relay_protocol::pairing::{PairingInitiator, PairingResponse};
+use api_relay_protocol::{ClientId, ProtocolError};
+
+use crate::error::{RelayCode, RelayError};
+use crate::headers;
+use crate::outbound::peer::{PeerOrigin, send_error};
+
+/// Maximum bytes of a pairing answer relay A reads: room for 64 pairs of about 1.6 KiB each.
+const MAX_PAIRING_RESPONSE_BYTES: usize = 128 * 1024;
+
+/// Pairs of every peer this relay talks to.
+pub struct PairPool {
+    peers: Mutex<HashMap<String, Arc<PeerPairs>>>,
+    registry: SessionRegistry,
+    size: usize,
+    window: u64,
+    psk: Option<Vec<u8>>,
+    timeout: Duration,
+}
+
+/// Pairs of one peer.
+#[derive(Default)]
+struct PeerPairs {
+    /// Held while pairing, so one request pairs and the others wait for its result.
+    pairing: tokio::sync::Mutex<()>,
+    state: RwLock<PoolState>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    generation: u64,
+    pairs: Vec<SessionHandle>,
+    client_id: Option<ClientId>,
+}
+
+/// One pair taken from the pool for one exchange.
+#[derive(Clone)]
+pub struct Lease {
+    pub session: SessionHandle,
+    pub generation: u64,
+}
+
+impl PairPool {
+    pub fn new(
+        registry: SessionRegistry,
+        size: usize,
+        window: u64,
+        psk: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Self {
+        Self { peers: Mutex::default(), registry, size, window, psk, timeout }
+    }
+
+    /// A pair for `origin`, pairing first if the pool is empty.
+    ///
+    /// # Errors
+    /// `RelayError` when pairing failed: peer unreachable, timed out or rejected the pairing.
+    pub async fn acquire(&self, origin: &PeerOrigin, client: &awc::Client) -> Result<Lease, RelayError> {
+        let peer = self.peer(origin);
+        if let Some(lease) = peer.take() {
+            return Ok(lease);
+        }
+        let _pairing = peer.pairing.lock().await;
+        if let Some(lease) = peer.take() {
+            return Ok(lease);
+        }
+        let client_id = peer.read().client_id.clone();
+        let (client_id, sessions) = self.pair(origin, client, client_id).await?;
+        let mut state = peer.write();
+        state.generation += 1;
+        state.pairs = sessions;
+        state.client_id = Some(client_id);
+        drop(state);
+        peer.take().ok_or_else(|| RelayError::BadGateway {
+            hop: "peer relay",
+            reason: "pairing returned no pairs".into(),
+        })
+    }
+
+    /// Drops the generation of pairs `lease` came from; with `forget_client_id`, also the
+    /// client id, so the next pairing asks for a new one first.
+    pub fn discard(&self, origin: &PeerOrigin, lease: &Lease, forget_client_id: bool) {
+        let peer = self.peer(origin);
+        let mut state = peer.write();
+        if state.generation == lease.generation {
+            state.pairs.clear();
+            if forget_client_id {
+                state.client_id = None;
+            }
+        }
+    }
+
+    fn peer(&self, origin: &PeerOrigin) -> Arc<PeerPairs> {
+        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(peers.entry(origin.key().to_owned()).or_default())
+    }
+
+    async fn pair(
+        &self,
+        origin: &PeerOrigin,
+        client: &awc::Client,
+        client_id: Option<ClientId>,
+    ) -> Result<(ClientId, Vec<SessionHandle>), RelayError> {
+        let client_id = match client_id {
+            Some(id) => id,
+            None => fetch_client_id(origin, client, self.timeout).await?,
+        };
+        let initiator = PairingInitiator::new(self.size);
+        let request = initiator.request(Some(&client_id));
+        let mut response = client
+            .post(origin.url("/api/mte-pair"))
+            .send_json(&request)
+            .await
+            .map_err(|error| send_error(error, "peer relay", self.timeout))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            tracing::warn!(peer = %origin, status, "peer relay rejected the pairing request");
+            return Err(match RelayCode::from_status(status) {
+                Some(RelayCode::InvalidClientId) => {
+                    RelayError::relay(RelayCode::InvalidClientId, "peer rejected the client id")
+                }
+                _ => RelayError::PeerRejected { status },
+            });
+        }
+        let answer: PairingResponse =
+            response.json().limit(MAX_PAIRING_RESPONSE_BYTES).await.map_err(|error| {
+                RelayError::BadGateway { hop: "peer relay", reason: format!("pairing answer: {error}") }
+            })?;
+        let (client_id, pairs) = initiator.complete(&answer, self.psk.as_deref()).map_err(|error| {
+            if error == ProtocolError::KeyConfirmation {
+                tracing::error!(peer = %origin, "{error}");
+            }
+            RelayError::BadGateway { hop: "peer relay", reason: error.to_string() }
+        })?;
+        let mut sessions = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            let snapshot =
+                PairSnapshot::new(pair.pair_id, client_id.clone(), Role::Outbound, pair.keys, self.window);
+            let session = self.registry.insert(snapshot).await.map_err(|error| {
+                RelayError::relay(
+                    RelayCode::StoreUnavailable,
+                    format!("could not store the new pair: {error}"),
+                )
+            })?;
+            sessions.push(session);
+        }
+        tracing::info!(peer = %origin, pairs = sessions.len(), client = client_id.uuid(), "paired with peer relay");
+        Ok((client_id, sessions))
+    }
+}
+
+impl PeerPairs {
+    fn take(&self) -> Option<Lease> {
+        let state = self.read();
+        if state.pairs.is_empty() {
+            return None;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % state.pairs.len();
+        Some(Lease { session: state.pairs[index].clone(), generation: state.generation })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, PoolState> {
+        // Writers replace whole fields, so a poisoned state is still consistent.
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, PoolState> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Asks the peer for a new client id with `HEAD /api/mte-relay`.
+async fn fetch_client_id(
+    origin: &PeerOrigin,
+    client: &awc::Client,
+    timeout: Duration,
+) -> Result<ClientId, RelayError> {
+    let response = client
+        .head(origin.url("/api/mte-relay"))
+        .send()
+        .await
+        .map_err(|error| send_error(error, "peer relay", timeout))?;
+    let invalid = |reason: &str| RelayError::BadGateway { hop: "peer relay", reason: reason.to_owned() };
+    if !response.status().is_success() {
+        return Err(invalid("HEAD /api/mte-relay did not succeed"));
+    }
+    let value = response
+        .headers()
+        .get(headers::RELAY)
+        .ok_or_else(|| invalid("no x-mte-relay header in the answer"))?;
+    let text = value.to_str().map_err(|_| invalid("x-mte-relay is not text"))?;
+    ClientId::parse(text).map_err(|_| invalid("x-mte-relay holds no valid client id"))
+}

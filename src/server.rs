@@ -1,0 +1,171 @@
+//! The HTTP server: shared state, the route table and start-up.
+//!
+//! Route order decides the role. A request with `x-mte-outbound-token` is outbound whatever its
+//! path; then come the pairing routes; then a request with `x-mte-relay` is inbound; then the
+//! local routes; anything else gets 569.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::dev::Server;
+use actix_web::guard::{self, GuardContext};
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use api_relay_actors::{MemoryStore, SessionLimits, SessionRegistry, StateStore};
+use api_relay_protocol::ClientIdSigner;
+use api_relay_protocol::fields::FieldLimits;
+use tracing_actix_web::TracingLogger;
+
+use crate::client::{self, HopClients};
+use crate::config::Config;
+use crate::headers;
+use crate::metrics::RelayMetrics;
+use crate::outbound::pool::PairPool;
+use crate::telemetry::RequestLog;
+use crate::{inbound, outbound, routes};
+
+/// Which role served a request; a label on request metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Outbound,
+    Inbound,
+    Local,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Outbound => "outbound",
+            Role::Inbound => "inbound",
+            Role::Local => "local",
+        }
+    }
+}
+
+/// State shared by every worker.
+pub struct RelayState {
+    pub config: Arc<Config>,
+    pub signer: ClientIdSigner,
+    pub registry: SessionRegistry,
+    pub pool: PairPool,
+    pub metrics: RelayMetrics,
+    /// False until the listener is up, and again while draining.
+    pub ready: AtomicBool,
+}
+
+impl RelayState {
+    /// Builds the state with the embedded in-memory store.
+    ///
+    /// # Errors
+    /// When the metrics cannot be registered.
+    pub fn new(config: Arc<Config>, registry: prometheus::Registry) -> anyhow::Result<Self> {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+        let limits = SessionLimits {
+            idle_timeout: config.pair_idle_timeout,
+            max_age: config.pair_max_age,
+            max_exchanges: config.pair_max_exchanges,
+        };
+        let sessions = SessionRegistry::new(store, limits);
+        let psk = config.pairing_psk.as_ref().map(|psk| psk.expose().as_bytes().to_vec());
+        let pool = PairPool::new(
+            sessions.clone(),
+            config.pair_pool_size,
+            config.replay_window,
+            psk,
+            config.upstream_timeout,
+        );
+        let signer = ClientIdSigner::new(
+            config.client_id_secret.expose().as_bytes(),
+            config.client_id_secret_previous.as_ref().map(|secret| secret.expose().as_bytes()),
+        );
+        let metrics = RelayMetrics::new(registry).context("registering metrics")?;
+        Ok(Self { config, signer, registry: sessions, pool, metrics, ready: AtomicBool::new(false) })
+    }
+
+    /// Decoding limits for header blocks.
+    pub fn field_limits(&self) -> FieldLimits {
+        // One extra line for the pseudo-field.
+        FieldLimits { max_fields: self.config.max_header_count + 1, max_bytes: self.config.max_header_bytes }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// A started server and the address it listens on.
+pub struct Running {
+    pub server: Server,
+    pub address: SocketAddr,
+    pub state: web::Data<RelayState>,
+}
+
+/// Binds the listener and starts the workers; the returned server must be awaited.
+///
+/// # Errors
+/// When the TLS roots cannot be loaded or the address cannot be bound.
+pub fn start(config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let tls = client::tls_config(&config)?;
+    let state = web::Data::new(RelayState::new(Arc::clone(&config), prometheus::Registry::new())?);
+    tracing::info!(kem = "ML-KEM-768 + P-256 (HPKE)", aead = "AES-256-GCM", "crypto ready");
+    let app_state = state.clone();
+    let app_config = Arc::clone(&config);
+    let server = HttpServer::new(move || {
+        let mut default_headers = DefaultHeaders::new();
+        for (name, value) in &app_config.headers {
+            default_headers = default_headers.add((name.clone(), value.clone()));
+        }
+        App::new()
+            .app_data(app_state.clone())
+            .app_data(web::Data::new(HopClients::new(&app_config, &tls)))
+            .app_data(web::PayloadConfig::new(256 * 1024))
+            .wrap(default_headers)
+            .wrap(TracingLogger::<RequestLog>::new())
+            .service(web::resource("/{tail:.*}").guard(guard::fn_guard(is_outbound)).to(outbound::handle))
+            .service(web::resource("/api/mte-relay").route(web::head().to(inbound::pairing::client_id)))
+            .service(web::resource("/api/mte-pair").route(web::post().to(inbound::pairing::pair)))
+            .service(web::resource("/{tail:.*}").guard(guard::fn_guard(is_inbound)).to(inbound::handle))
+            .configure(routes::local)
+    })
+    .workers(config.workers)
+    .keep_alive(config.keep_alive)
+    .client_request_timeout(std::time::Duration::from_secs(10))
+    .shutdown_timeout(25)
+    .bind((config.bind_address, config.port))
+    .with_context(|| format!("binding {}:{}", config.bind_address, config.port))?;
+    let address = server.addrs().first().copied().context("listener has no address")?;
+    let server = server.run();
+    state.ready.store(true, Ordering::Relaxed);
+    Ok(Running { server, address, state })
+}
+
+/// Logs the effective non-secret configuration and every warning.
+pub fn log_startup(config: &Config) {
+    tracing::info!(
+        upstream = %config.upstream,
+        store = if config.redis_url.is_some() { "redis (not yet used: memory)" } else { "memory" },
+        debug = config.debug,
+        workers = config.workers,
+        pair_pool_size = config.pair_pool_size,
+        replay_window = config.replay_window,
+        max_body_bytes = config.max_body_bytes,
+        upstream_timeout_secs = config.upstream_timeout.as_secs(),
+        allowlist_entries = config.outbound_allowlist.len(),
+        pairing_psk = config.pairing_psk.is_some(),
+        "configuration loaded"
+    );
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+}
+
+fn is_outbound(context: &GuardContext<'_>) -> bool {
+    context.head().headers().contains_key(headers::OUTBOUND_TOKEN)
+}
+
+fn is_inbound(context: &GuardContext<'_>) -> bool {
+    context.head().headers().contains_key(headers::RELAY)
+}

@@ -1,0 +1,69 @@
+//! Logging: JSON lines on stdout by default (log drivers such as CloudWatch's read stdout), or
+//! human-readable with `LOG_FORMAT=pretty`; `DEBUG=true` adds per-exchange debug records.
+//!
+//! `RequestLog` gives tracing-actix-web one span per request and writes one record when the
+//! request ends: method, route template, status, latency, role and request id. It records no
+//! URL, header value or body, so nothing sealed ever reaches a log.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::{Error, HttpMessage};
+use tracing::Span;
+use tracing_actix_web::{RequestId, RootSpanBuilder};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+use crate::server::{RelayState, Role};
+
+/// Installs the global subscriber.
+pub fn init(format: LogFormat, debug: bool) {
+    let level = if debug { "debug" } else { "info" };
+    let filter =
+        EnvFilter::new(format!("{level},actix_server=warn,actix_http=warn,awc=warn,h2=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // A second init (tests or the demo starting twice) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(false).with_span_list(false).try_init(),
+        LogFormat::Pretty => builder.pretty().try_init(),
+    };
+}
+
+/// Start time of a request, kept in its extensions.
+struct Started(Instant);
+
+/// The per-request span and record.
+pub struct RequestLog;
+
+impl RootSpanBuilder for RequestLog {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        request.extensions_mut().insert(Started(Instant::now()));
+        let request_id = request.extensions().get::<RequestId>().map(ToString::to_string).unwrap_or_default();
+        tracing::info_span!("request", method = %request.method(), request_id = %request_id)
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let Ok(response) = outcome else { return };
+        let request = response.request();
+        let extensions = request.extensions();
+        let role = extensions.get::<Role>().copied().unwrap_or(Role::Local);
+        let elapsed = extensions.get::<Started>().map(|started| started.0.elapsed()).unwrap_or_default();
+        let status = response.status().as_u16();
+        if let Some(state) = request.app_data::<actix_web::web::Data<RelayState>>() {
+            state.metrics.request_done(role, status, elapsed);
+        }
+        let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+        let request_id = extensions.get::<RequestId>().map(ToString::to_string).unwrap_or_default();
+        let _entered = span.enter();
+        tracing::info!(
+            method = %request.method(),
+            route = %route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            role = role.as_str(),
+            request_id = %request_id,
+            "request"
+        );
+    }
+}
