@@ -15,6 +15,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("demo") => run_demo(),
+        Some("demo-upstream") => match demo::run_upstream() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("api-relay demo-upstream: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some("--help" | "-h") => {
             println!("usage: api-relay [--config FILE]   run a relay (settings from environment variables)");
             println!(

@@ -19,7 +19,11 @@ use crate::server::{RelayState, Role};
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat, debug: bool) {
-    let level = if debug { "debug" } else { "info" };
+    init_at(format, if debug { "debug" } else { "info" });
+}
+
+/// Installs the global subscriber with `level` (`error`, `warn`, `info` or `debug`) as the floor.
+pub fn init_at(format: LogFormat, level: &str) {
     let filter =
         EnvFilter::new(format!("{level},actix_server=warn,actix_http=warn,awc=warn,h2=warn,rustls=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);

@@ -5,8 +5,9 @@
 //! section length (varint) | { name length (varint) | name | value length (varint) | value }*
 //! ```
 //!
-//! with QUIC variable-length integers (RFC 9000, section 16). Order, repeated names (several
-//! `Set-Cookie` lines) and value bytes that are not UTF-8 survive exactly. Names are lowercase.
+//! with QUIC variable-length integers (RFC 9000, section 16). The codec keeps the order of the
+//! lines it is given, repeated names (several `Set-Cookie` lines) and value bytes that are not
+//! UTF-8. Names are lowercase.
 //! Pseudo-fields come first: `:method` in a request block, `:status` in a response block.
 
 use crate::ProtocolError;

@@ -43,6 +43,6 @@ pub use seal::ExchangeContext;
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Maximum plaintext bytes of one body record (64 KiB): large enough that the 20 bytes of framing
-/// and tag per record cost about 0.03%, small enough that a relay never holds more than one
-/// record per direction of an exchange in memory.
+/// and tag per record cost about 0.03%, small enough that a relay streaming an `MKE` body holds
+/// only about one record of it in memory.
 pub const MAX_RECORD_PLAINTEXT: usize = 64 * 1024;

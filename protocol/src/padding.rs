@@ -3,7 +3,8 @@
 //! A padded item is `length || data || zeros`, where `length` is the data length big-endian
 //! (4 bytes for the URL and header block, 8 bytes for a whole body) and the total is the next
 //! power of two, at least [`MIN_BUCKET`]. An observer learns only the bucket, so a 300-byte and a
-//! 500-byte body look the same. The cost is up to twice the data size plus the length prefix.
+//! 500-byte body look the same. A padded item is at least 256 bytes; above that, it is at most
+//! twice the data size plus the length prefix.
 //! Padding is checked only after the item authenticated.
 
 use crate::ProtocolError;

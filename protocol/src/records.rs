@@ -41,7 +41,7 @@ impl RecordSealer {
     /// Seals up to [`MAX_RECORD_PLAINTEXT`] bytes as the next record and returns its frame.
     ///
     /// # Errors
-    /// `CounterExhausted` after 2^32 - 2 records or once the final record was sealed;
+    /// `CounterExhausted` after 2^32 - 3 records (items 2 to 2^32 - 2) or once the final record was sealed;
     /// `MalformedBody` when `plaintext` is longer than one record.
     pub fn seal(&mut self, plaintext: &[u8], is_final: bool) -> Result<Vec<u8>, ProtocolError> {
         if plaintext.len() > MAX_RECORD_PLAINTEXT {

@@ -49,26 +49,43 @@ pub async fn handle(
     }
     let mut body = OutboundBody::read(payload, &options, &state).await?;
     let plain = SealedRequest::plain_parts(&request);
-    for attempt in 0..2 {
-        let lease = state.pool.acquire(&origin, &clients.peer).await?;
+    relay_exchange(&plain, &origin, &options, &mut body, &state, &clients).await.map_err(application_error)
+}
+
+/// Most pairs one request takes from the pool: a pair that expired locally is replaced without
+/// using up the one retry, but a pool that keeps handing out dead pairs ends the request.
+const MAX_PAIR_ATTEMPTS: usize = 4;
+
+async fn relay_exchange(
+    plain: &exchange::PlainParts,
+    origin: &PeerOrigin,
+    options: &ExchangeOptions,
+    body: &mut OutboundBody,
+    state: &RelayState,
+    clients: &crate::client::HopClients,
+) -> Result<HttpResponse, RelayError> {
+    let mut sent = 0;
+    for _ in 0..MAX_PAIR_ATTEMPTS {
+        let lease = state.pool.acquire(origin, &clients.peer).await?;
         let exchange = match lease.session.addr.send(AllocateSeq).await {
             Ok(Ok(exchange)) => exchange,
             Ok(Err(SessionError::Expired)) | Ok(Err(SessionError::Replay(_))) | Err(_) => {
-                state.pool.discard(&origin, &lease, false);
+                state.pool.discard(origin, &lease, false);
                 continue;
             }
         };
-        let sealed = SealedRequest::seal(&plain, &exchange, &options);
-        let Some(source) = body.source(attempt) else { break };
-        let response = exchange::send(&clients.peer, &origin, &sealed, source, &options, &state).await?;
+        let sealed = SealedRequest::seal(plain, &exchange, options);
+        let Some(source) = body.source(sent) else { break };
+        sent += 1;
+        let response = exchange::send(&clients.peer, origin, &sealed, source, options, state).await?;
         let status = response.status().as_u16();
-        let retryable = body.is_replayable() && attempt == 0;
+        let retryable = body.is_replayable() && sent == 1;
         match RelayCode::from_status(status) {
-            None if status == 200 => return exchange::open_response(response, &sealed, &state).await,
+            None if status == 200 => return exchange::open_response(response, &sealed, state).await,
             None => return Err(exchange::peer_failure(response, status).await),
             Some(code @ (RelayCode::StateNotFound | RelayCode::PairExpired | RelayCode::InvalidClientId)) => {
                 state.metrics.relay_error(code);
-                state.pool.discard(&origin, &lease, code == RelayCode::InvalidClientId);
+                state.pool.discard(origin, &lease, code == RelayCode::InvalidClientId);
                 if !retryable {
                     return Err(RelayError::PeerRejected { status });
                 }
@@ -83,6 +100,18 @@ pub async fn handle(
         }
     }
     Err(RelayError::BadGateway { hop: "peer relay", reason: "no usable pair after pairing again".into() })
+}
+
+/// The application never sees a relay status (559-569): a relay-layer failure on the hop, such
+/// as an answer that does not open, reaches it as 502.
+fn application_error(error: RelayError) -> RelayError {
+    match error {
+        RelayError::Relay { code, message } => {
+            tracing::warn!(reason = code.name(), %message, "exchange with the peer relay failed");
+            RelayError::PeerRejected { status: code as u16 }
+        }
+        other => other,
+    }
 }
 
 fn authorize(request: &HttpRequest, state: &RelayState) -> Result<(), RelayError> {

@@ -2,9 +2,10 @@
 //!
 //! The first request to a peer pairs (one `POST /api/mte-pair` for the whole pool) while
 //! concurrent requests to the same peer wait for that pairing instead of starting their own.
-//! Later requests take the pool's pairs round-robin. When the peer reports it lost a pair (560)
-//! or the pair expired (567), the whole generation of pairs is dropped once, and the next
-//! request pairs again; a stale report about an older generation changes nothing.
+//! Later requests take the pool's pairs round-robin. When the peer reports it lost a pair (560),
+//! the pair expired (567) or the client id is no longer valid (566, which also drops the id),
+//! the whole generation of pairs is dropped once, and the next request pairs again; a stale
+//! report about an older generation changes nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,7 +81,16 @@ impl PairPool {
             return Ok(lease);
         }
         let client_id = peer.read().client_id.clone();
-        let (client_id, sessions) = self.pair(origin, client, client_id).await?;
+        let had_client_id = client_id.is_some();
+        let (client_id, sessions) = match self.pair(origin, client, client_id).await {
+            // The peer no longer accepts the id this relay held (its secret was rotated out):
+            // fetch a new one and pair once more.
+            Err(error) if had_client_id && error.relay_code() == Some(RelayCode::InvalidClientId) => {
+                peer.write().client_id = None;
+                self.pair(origin, client, None).await?
+            }
+            other => other?,
+        };
         let mut state = peer.write();
         state.generation += 1;
         state.pairs = sessions;
