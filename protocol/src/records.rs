@@ -304,3 +304,72 @@ mod tests {
         assert!(sealer.seal(b"more", false).is_err());
     }
 }
+
+#[cfg(test)]
+mod combination_tests {
+    use super::*;
+    use crate::relay_header::SealFlags;
+    use crate::seal::ExchangeContext;
+    use crate::{ClientIdSigner, Direction, EncodeType, PairId, PairKeys, padding};
+
+    fn cipher(
+        keys: &PairKeys,
+        direction: Direction,
+        encode_type: EncodeType,
+        flags: SealFlags,
+    ) -> ItemCipher {
+        let context = ExchangeContext {
+            direction,
+            client_id: ClientIdSigner::new(b"secret", None).sign_uuid_for_tests(),
+            pair_id: PairId::from_bytes([8; 16]),
+            seq: 42,
+            encode_type,
+            flags,
+        };
+        ItemCipher::new(keys.exchange(direction, encode_type, 42), context)
+    }
+
+    /// Seals and opens URL, header block and body in both directions for one combination.
+    fn round_trip(encode_type: EncodeType, flags: SealFlags) {
+        let keys = PairKeys::derive(&[4; 32], &[6; 64], &PairId::from_bytes([8; 16]), &[2; 32]).keys;
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        for direction in [Direction::Request, Direction::Response] {
+            let sender = cipher(&keys, direction, encode_type, flags);
+            let receiver = cipher(&keys, direction, encode_type, flags);
+            let label = format!("{encode_type:?} {flags:?} {direction:?}");
+            assert_eq!(receiver.open_url(&sender.seal_url(b"/a?b=c")).unwrap(), b"/a?b=c", "url, {label}");
+            assert_eq!(
+                receiver.open_headers(&sender.seal_headers(b"block")).unwrap(),
+                b"block",
+                "headers, {label}"
+            );
+            let plain = match encode_type {
+                EncodeType::Mke => body.clone(),
+                EncodeType::Mte => padding::pad_body(&body),
+            };
+            let sealed = seal_body(&mut RecordSealer::new(sender), &plain).unwrap();
+            let opened = open_body(&mut RecordOpener::new(receiver), &sealed).unwrap();
+            assert_eq!(opened, plain, "body, {label}");
+        }
+    }
+
+    #[test]
+    fn every_encode_type_and_flag_combination_round_trips() {
+        for encode_type in [EncodeType::Mke, EncodeType::Mte] {
+            for url in [true, false] {
+                for headers in [true, false] {
+                    round_trip(encode_type, SealFlags { url, headers, body: true });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flags_are_bound_to_every_item() {
+        let keys = PairKeys::derive(&[4; 32], &[6; 64], &PairId::from_bytes([8; 16]), &[2; 32]).keys;
+        let sealed_with = cipher(&keys, Direction::Request, EncodeType::Mke, SealFlags::ALL);
+        let flags = SealFlags { url: false, ..SealFlags::ALL };
+        let opened_with = cipher(&keys, Direction::Request, EncodeType::Mke, flags);
+        assert!(opened_with.open_headers(&sealed_with.seal_headers(b"x")).is_err());
+    }
+}
