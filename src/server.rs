@@ -1,8 +1,9 @@
 //! The HTTP server: shared state, the route table and start-up.
 //!
 //! Route order decides the role. A request with `x-mte-outbound-token` is outbound whatever its
-//! path; then come the pairing routes; then a request with `x-mte-relay` is inbound; then the
-//! local routes; anything else gets 569.
+//! path, and so is a request with `x-mte-upstream` and no `x-mte-relay`, so that a missing token
+//! gets 401. Then come the pairing routes, then a request with `x-mte-relay` is inbound, then the
+//! local routes. Anything else gets 569.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -162,8 +163,11 @@ pub fn log_startup(config: &Config) {
     }
 }
 
+/// Returns whether the application sent the request to relay A: it carries the outbound token,
+/// or it names a peer with `x-mte-upstream` and is not an exchange from a peer.
 fn is_outbound(context: &GuardContext<'_>) -> bool {
-    context.head().headers().contains_key(headers::OUTBOUND_TOKEN)
+    let present = |name| context.head().headers().contains_key(name);
+    present(headers::OUTBOUND_TOKEN) || (present(headers::UPSTREAM) && !present(headers::RELAY))
 }
 
 fn is_inbound(context: &GuardContext<'_>) -> bool {

@@ -35,9 +35,10 @@ pub struct OpenedRequest {
     pub seal_headers: bool,
 }
 
-/// The request body after the checks: streaming for `MKE`, whole for `MTE`.
+/// The request body after the checks: streaming for `MKE`, whole for `MTE`. The stream is boxed
+/// because it contains the cipher state, which is large.
 pub enum OpenedBody {
-    Stream { stream: OpenStream, empty: bool },
+    Stream { stream: Box<OpenStream>, empty: bool },
     Whole(bytes::Bytes),
 }
 
@@ -177,7 +178,7 @@ async fn open_body(
             let mut stream = OpenStream::new(source, opener);
             stream.open_first().await.map_err(relay_error)?;
             let empty = stream.is_empty_and_finished();
-            Ok(OpenedBody::Stream { stream, empty })
+            Ok(OpenedBody::Stream { stream: Box::new(stream), empty })
         }
     }
 }

@@ -26,7 +26,9 @@ pub async fn forward(
     state: &RelayState,
 ) -> Result<HttpResponse, RelayError> {
     let url = upstream_url(&state.config.upstream, &opened.path_and_query);
-    let mut request = client.request(opened.method.clone(), url);
+    // Without `no_decompress`, awc adds `Accept-Encoding: identity` when the application sent
+    // none, which would stop the upstream API from compressing.
+    let mut request = client.request(opened.method.clone(), url).no_decompress();
     for (name, value) in opened.headers.without_length() {
         request = request.append_header((name.clone(), value.clone()));
     }

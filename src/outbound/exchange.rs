@@ -235,7 +235,9 @@ where
                 length,
                 futures_util::stream::empty::<Result<bytes::Bytes, BodyError>>(),
             )),
-            _ => builder.finish(),
+            // `finish` would send `Content-Length: 0`, which for HEAD claims an empty GET body, so
+            // the application gets a length only where the upstream sent one.
+            _ => builder.body(actix_web::body::None::new()),
         });
     }
     match (sealed.encode_type, length) {

@@ -9,7 +9,9 @@
 //! - [`upstream_routes`]: the upstream's responses, chosen by path prefix.
 //! - [`http1`]: the HTTP/1.1 wire code that the upstream server uses.
 //! - [`raw_response`]: parsing of raw response bytes into status, fields and body.
+//! - [`raw_request`]: parsing of captured request bytes, and byte edits for tampering.
 //! - [`recorder`]: a TCP forwarder that records all bytes, and `send_raw` to replay them.
+//! - [`holding_forwarder`]: a TCP forwarder that holds back chosen requests.
 //! - [`assertions`]: byte assertions that print expected and actual values.
 //! - [`background`]: the tokio runtime thread that the servers run on.
 //!
@@ -19,7 +21,9 @@
 
 pub mod assertions;
 pub mod background;
+pub mod holding_forwarder;
 pub mod http1;
+pub mod raw_request;
 pub mod raw_response;
 pub mod recorder;
 pub mod relay;
@@ -34,6 +38,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub use assertions::{assert_bytes_eq, assert_contains_all, assert_contains_none, find_bytes};
+pub use holding_forwarder::HoldingForwarder;
+pub use raw_request::RawRequest;
 pub use raw_response::{RawResponse, parse_head_response, parse_response, parse_responses};
 pub use recorder::{TcpRecorder, send_raw, send_raw_with_timeout};
 pub use relay::{ExitOutput, RelayBuilder, RelayProcess};
