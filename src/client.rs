@@ -16,9 +16,6 @@ use crate::config::Config;
 /// Seconds an idle pooled connection to relay B is kept: below relay B's own 75 s keep-alive,
 /// so relay A never reuses a connection relay B is about to close.
 const PEER_IDLE_SECS: u64 = 60;
-/// Seconds an idle pooled connection to the upstream API is kept: below the 5 s keep-alive of
-/// common application servers (Node.js, Gunicorn), for the same reason.
-const UPSTREAM_IDLE_SECS: u64 = 4;
 /// Maximum connections per worker and hop; above the largest load the relay is sized for.
 const CONNECTION_LIMIT: usize = 1024;
 /// Seconds to establish a TCP connection and the TLS handshake.
@@ -28,12 +25,15 @@ const CONNECT_TIMEOUT_SECS: u64 = 5;
 #[derive(Clone)]
 pub struct HopClients {
     pub peer: awc::Client,
-    pub upstream: awc::Client,
+    pub upstream: crate::inbound::upstream::UpstreamClient,
 }
 
 impl HopClients {
     pub fn new(config: &Config, tls: &Arc<rustls::ClientConfig>) -> Self {
-        Self { peer: build(config, tls, PEER_IDLE_SECS), upstream: build(config, tls, UPSTREAM_IDLE_SECS) }
+        Self {
+            peer: build(config, tls, PEER_IDLE_SECS),
+            upstream: crate::inbound::upstream::UpstreamClient::new(tls, config.upstream_timeout),
+        }
     }
 }
 

@@ -52,24 +52,27 @@ fn is_dropped(name: &HeaderName, connection_listed: &[String]) -> bool {
         || connection_listed.iter().any(|listed| listed == name)
 }
 
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
-        .collect()
-}
-
 /// The end-to-end headers of `headers`, in the order the map keeps: repeated names stay in
 /// their received order.
 pub fn end_to_end(headers: &HeaderMap) -> Vec<Field> {
-    let listed = connection_listed(headers);
-    headers
+    end_to_end_pairs(headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())))
+}
+
+/// The end-to-end headers among (name, value) byte pairs with lowercase names, in the given order.
+pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Field> {
+    let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
+    let listed: Vec<String> = pairs
         .iter()
-        .filter(|(name, _)| !is_dropped(name, &listed))
-        .map(|(name, value)| (name.as_str().as_bytes().to_vec(), value.as_bytes().to_vec()))
+        .filter(|(name, _)| *name == b"connection")
+        .filter_map(|(_, value)| std::str::from_utf8(value).ok())
+        .flat_map(|value| value.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect();
+    pairs
+        .into_iter()
+        .filter(|(name, _)| HeaderName::from_bytes(name).is_ok_and(|name| !is_dropped(&name, &listed)))
+        .map(|(name, value)| (name.to_vec(), value.to_vec()))
         .collect()
 }
 

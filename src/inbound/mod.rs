@@ -9,6 +9,7 @@
 
 pub mod pairing;
 mod proxy;
+pub mod upstream;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use api_relay_actors::{AcceptSeq, SessionError, SessionHandle};

@@ -1,7 +1,6 @@
 //! Relay B's hop to its upstream API: send the opened request to `UPSTREAM` and seal the answer.
 
 use actix_web::HttpResponse;
-use actix_web::body::SizedStream;
 use actix_web::http::header;
 use api_relay_protocol::EncodeType;
 use api_relay_protocol::records::RecordSealer;
@@ -9,10 +8,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
 use crate::body::{self, SealStream};
-use crate::error::RelayError;
+use crate::error::{RelayCode, RelayError};
 use crate::headers::{self, PSEUDO_STATUS};
+use crate::inbound::upstream::{self, UpstreamClient, UpstreamResponse};
 use crate::inbound::{OpenedBody, OpenedRequest};
-use crate::outbound::peer::send_error;
 use crate::server::RelayState;
 
 /// Sends `opened` to the upstream API and returns the sealed answer for relay A.
@@ -22,37 +21,48 @@ use crate::server::RelayState;
 /// `UPSTREAM_TIMEOUT_SECS`. Its own 4xx and 5xx answers are not errors: they travel back sealed.
 pub async fn forward(
     opened: OpenedRequest,
-    client: &awc::Client,
+    client: &UpstreamClient,
     state: &RelayState,
 ) -> Result<HttpResponse, RelayError> {
-    let url = upstream_url(&state.config.upstream, &opened.path_and_query);
-    // Without `no_decompress`, awc adds `Accept-Encoding: identity` when the application sent
-    // none, which would stop the upstream API from compressing.
-    let mut request = client.request(opened.method.clone(), url).no_decompress();
-    for (name, value) in opened.headers.without_length() {
-        request = request.append_header((name.clone(), value.clone()));
-    }
-    for (name, value) in &state.config.headers {
-        request = request.insert_header((name.clone(), value.clone()));
-    }
+    let request = build_request(&opened, state)?;
     let length = opened.headers.content_length();
-    let started = std::time::Instant::now();
-    let sent = match opened.body {
-        OpenedBody::Whole(bytes) if bytes.is_empty() && length.is_none() => request.send().await,
-        OpenedBody::Whole(bytes) => request.send_body(bytes).await,
-        OpenedBody::Stream { empty: true, .. } if length.is_none() => request.send().await,
-        OpenedBody::Stream { stream, .. } => match length {
-            Some(length) => request.send_body(SizedStream::new(length, stream)).await,
-            None => request.send_stream(stream).await,
-        },
+    let body = match opened.body {
+        OpenedBody::Whole(bytes) if bytes.is_empty() && length.is_none() => upstream::empty_body(),
+        OpenedBody::Whole(bytes) => upstream::full_body(bytes),
+        OpenedBody::Stream { empty: true, .. } if length.is_none() => upstream::empty_body(),
+        OpenedBody::Stream { stream, .. } => upstream::streamed_body(Box::pin(*stream)),
     };
-    let response = sent.map_err(|error| {
-        let error = send_error(error, "upstream API", state.config.upstream_timeout);
+    let request = request
+        .body(body)
+        .map_err(|_| RelayError::relay(RelayCode::OpenFailed, "opened request is not valid HTTP"))?;
+    let started = std::time::Instant::now();
+    let response = client.send(request).await.inspect_err(|error| {
         tracing::error!(%error, "request to the upstream API failed");
-        error
     })?;
     state.metrics.upstream_duration(started.elapsed());
     seal_response(response, &opened.response_cipher, opened.encode_type, opened.seal_headers, state).await
+}
+
+/// The request line and headers for the upstream API: the opened headers in order (with
+/// `Content-Length` when the application sent one), then `HEADERS`.
+fn build_request(opened: &OpenedRequest, state: &RelayState) -> Result<http::request::Builder, RelayError> {
+    let invalid = || RelayError::relay(RelayCode::OpenFailed, "opened request is not valid HTTP");
+    let url = upstream_url(&state.config.upstream, &opened.path_and_query);
+    let method = http::Method::from_bytes(opened.method.as_str().as_bytes()).map_err(|_| invalid())?;
+    let mut request = http::Request::builder().method(method).uri(url);
+    let headers = request.headers_mut().ok_or_else(invalid)?;
+    for (name, value) in opened.headers.without_length() {
+        let name = http::HeaderName::from_bytes(name.as_str().as_bytes()).map_err(|_| invalid())?;
+        headers.append(name, http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| invalid())?);
+    }
+    if let Some(length) = opened.headers.content_length() {
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    }
+    for (name, value) in &state.config.headers {
+        let name = http::HeaderName::from_bytes(name.as_str().as_bytes()).map_err(|_| invalid())?;
+        headers.insert(name, http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| invalid())?);
+    }
+    Ok(request)
 }
 
 /// `UPSTREAM` (with its path prefix) joined with the exact path and query relay A sent.
@@ -62,18 +72,16 @@ fn upstream_url(upstream: &url::Url, path_and_query: &str) -> String {
     format!("{origin}{prefix}{path_and_query}")
 }
 
-async fn seal_response<S>(
-    response: awc::ClientResponse<S>,
+async fn seal_response(
+    response: UpstreamResponse,
     cipher: &api_relay_protocol::seal::ItemCipher,
     encode_type: EncodeType,
     seal_headers: bool,
     state: &RelayState,
-) -> Result<HttpResponse, RelayError>
-where
-    S: futures_core::Stream<Item = Result<bytes::Bytes, awc::error::PayloadError>> + Unpin + 'static,
-{
-    let fields = headers::end_to_end(response.headers());
-    let block = headers::encode_block(PSEUDO_STATUS, response.status().as_str(), &fields);
+) -> Result<HttpResponse, RelayError> {
+    let pairs = response.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+    let fields = headers::end_to_end_pairs(pairs);
+    let block = headers::encode_block(PSEUDO_STATUS, response.status.as_str(), &fields);
     let block = match seal_headers {
         true => cipher.seal_headers(&block),
         false => block,
@@ -81,13 +89,12 @@ where
     let mut answer = HttpResponse::Ok();
     answer.insert_header((headers::RELAY_EH, B64.encode(block)));
     answer.insert_header((header::CONTENT_TYPE, "application/octet-stream"));
-    let source = body::source(response);
     let mut sealer = RecordSealer::new(cipher.clone());
     let limit = state.config.max_body_bytes;
     match encode_type {
-        EncodeType::Mke => Ok(answer.streaming(SealStream::new(source, sealer, limit))),
+        EncodeType::Mke => Ok(answer.streaming(SealStream::new(response.body, sealer, limit))),
         EncodeType::Mte => {
-            let plain = body::collect(source, limit).await?;
+            let plain = body::collect(response.body, limit).await?;
             Ok(answer.body(body::seal_padded(&mut sealer, &plain)?))
         }
     }
