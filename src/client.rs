@@ -1,5 +1,5 @@
-//! HTTP clients for the two hops, one pair per worker: relay A to relay B (`peer`) and relay B to
-//! its upstream API (`upstream`).
+//! HTTP clients for the two hops, one pair per worker: relay A to relay B (`peer`, awc) and
+//! relay B to its upstream API (`upstream`, hyper; see [`crate::inbound::upstream`] for why).
 //!
 //! Both pool keep-alive connections, never follow redirects (a redirect goes back to the
 //! application), never decompress (bodies pass through byte for byte), send no default headers,
