@@ -69,6 +69,17 @@ where
     stream.map(|item| item.map_err(Into::into)).boxed_local()
 }
 
+/// Counts the bytes that pass through `source` on `counter`.
+pub fn counted(source: Source, counter: prometheus::IntCounter) -> Source {
+    source
+        .inspect(move |item| {
+            if let Ok(chunk) = item {
+                counter.inc_by(chunk.len() as u64);
+            }
+        })
+        .boxed_local()
+}
+
 /// A source that starts with chunks already read.
 pub fn prepend(chunks: Vec<Bytes>, rest: Source) -> Source {
     futures_util::stream::iter(chunks.into_iter().map(Ok)).chain(rest).boxed_local()

@@ -49,6 +49,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Default seconds an idle keep-alive connection stays open: longer than the 60 s idle timeout
 /// of an AWS load balancer, so the balancer closes first and never reuses a closed connection.
 pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 75;
+/// Default seconds in-flight requests get to finish after SIGTERM: below the 30 s ECS waits
+/// before it kills a container, so the relay exits on its own.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 25;
 /// `CLIENT_ID_SECRET` shorter than this many characters gets a start-up warning.
 pub const MIN_SECRET_CHARS: usize = 32;
 /// `PAIRING_PSK` must have at least this many characters (HPKE asks for 32 bytes of entropy).
@@ -114,6 +117,7 @@ pub struct Config {
     pub max_header_count: usize,
     pub max_header_bytes: usize,
     pub keep_alive: Duration,
+    pub shutdown_grace: Duration,
     pub workers: usize,
 }
 
@@ -333,6 +337,12 @@ impl Config {
             max_header_count: reader.positive("MAX_HEADER_COUNT", "maxHeaderCount", DEFAULT_MAX_HEADER_COUNT),
             max_header_bytes: reader.positive("MAX_HEADER_BYTES", "maxHeaderBytes", DEFAULT_MAX_HEADER_BYTES),
             keep_alive: secs(reader.positive("KEEP_ALIVE_SECS", "keepAliveSecs", DEFAULT_KEEP_ALIVE_SECS)),
+            shutdown_grace: secs(reader.parsed(
+                "SHUTDOWN_GRACE_SECS",
+                "shutdownGraceSecs",
+                DEFAULT_SHUTDOWN_GRACE_SECS,
+                "a whole number of seconds",
+            )),
             workers: reader.positive("WORKERS", "workers", default_workers),
             upstream: upstream?,
             client_id_secret: client_id_secret?,

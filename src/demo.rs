@@ -137,14 +137,22 @@ pub fn start_upstream(address: SocketAddr) -> anyhow::Result<(actix_web::dev::Se
     Ok((server.run(), bound))
 }
 
-/// Runs only the demo upstream API on `PORT` (default 3000), for the compose demo.
+/// Runs only the demo upstream API on `BIND_ADDRESS` (default 0.0.0.0) and `PORT` (default
+/// 3000), for the compose demo and the Postman run.
 ///
 /// # Errors
-/// When the port cannot be bound.
+/// When `BIND_ADDRESS` or `PORT` is invalid or the address cannot be bound.
 pub fn run_upstream() -> anyhow::Result<()> {
-    let port = std::env::var("PORT").ok().and_then(|text| text.parse().ok()).unwrap_or(3000u16);
+    let port: u16 = match std::env::var("PORT") {
+        Ok(text) => text.parse().with_context(|| format!("PORT: invalid port {text:?}"))?,
+        Err(_) => 3000,
+    };
+    let ip: std::net::IpAddr = match std::env::var("BIND_ADDRESS") {
+        Ok(text) => text.parse().with_context(|| format!("BIND_ADDRESS: invalid IP address {text:?}"))?,
+        Err(_) => [0, 0, 0, 0].into(),
+    };
     actix_web::rt::System::new().block_on(async move {
-        let (server, address) = start_upstream(([0, 0, 0, 0], port).into())?;
+        let (server, address) = start_upstream((ip, port).into())?;
         println!("demo upstream API listening at http://{address}");
         server.await.context("demo upstream stopped")
     })

@@ -59,6 +59,7 @@ fn run_relay(args: &[String]) -> ExitCode {
     let result = actix_web::rt::System::new().block_on(async move {
         let running = server::start(config)?;
         tracing::info!(address = %format!("http://{}", running.address), "listening at http://{}", running.address);
+        actix_web::rt::spawn(server::drain_on_signal(running.server.handle(), running.state.clone()));
         running.server.await?;
         tracing::info!("stopped");
         anyhow::Ok(())

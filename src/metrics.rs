@@ -1,13 +1,13 @@
 //! `RelayMetrics`: the Prometheus metrics of one relay, registered on a registry passed in, so
 //! tests render their own relay's counters. Labels are low-cardinality: never a pair id, client
-//! id or URL.
+//! id or URL. docs/operations.md lists every metric with its meaning.
 
 use std::time::Duration;
 
 use actix_web::HttpMessage;
 use actix_web::HttpRequest;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::error::RelayCode;
@@ -16,14 +16,26 @@ use crate::server::Role;
 pub const REQUESTS_TOTAL: &str = "relay_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "relay_request_duration_seconds";
 pub const UPSTREAM_DURATION_SECONDS: &str = "relay_upstream_duration_seconds";
+pub const BODY_BYTES_TOTAL: &str = "relay_body_bytes_total";
 pub const RELAY_ERRORS_TOTAL: &str = "relay_errors_total";
 pub const RETRIES_TOTAL: &str = "relay_retries_total";
+pub const REPAIRS_TOTAL: &str = "relay_repairs_total";
 pub const PAIRINGS_TOTAL: &str = "relay_pairings_total";
 pub const ACTIVE_SESSIONS: &str = "relay_active_sessions";
+pub const REPLAYS_REJECTED_TOTAL: &str = "relay_replays_rejected_total";
+pub const TAMPERED_TOTAL: &str = "relay_tampered_total";
+pub const STORE_OPERATIONS_TOTAL: &str = "relay_store_operations_total";
 
 /// Latency buckets in seconds, from a local exchange (about 100 µs) to the default timeout.
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+/// Which body of an exchange bytes belong to.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyDirection {
+    Request,
+    Response,
+}
 
 /// Every metric the relay exports.
 pub struct RelayMetrics {
@@ -31,14 +43,20 @@ pub struct RelayMetrics {
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_duration: HistogramVec,
+    body_bytes: IntCounterVec,
     relay_errors: IntCounterVec,
     retries: IntCounterVec,
+    repairs: IntCounterVec,
     pairings: IntCounterVec,
     active_sessions: IntGauge,
+    replays_rejected: IntCounter,
+    tampered: IntCounter,
+    store_operations: IntCounterVec,
 }
 
 impl RelayMetrics {
-    /// Creates the metrics and registers them on `registry`.
+    /// Creates the metrics and registers them, plus the process metrics (CPU, memory, open file
+    /// descriptors), on `registry`.
     ///
     /// # Errors
     /// When a metric is registered twice on the same registry.
@@ -56,36 +74,74 @@ impl RelayMetrics {
             )?,
             request_duration: histogram(
                 REQUEST_DURATION_SECONDS,
-                "Time to answer a request, by role.",
+                "Time until the response head was ready, by role.",
                 &["role"],
             )?,
             upstream_duration: histogram(
                 UPSTREAM_DURATION_SECONDS,
-                "Time the upstream API took to answer relay B.",
-                &["role"],
+                "Time the upstream API took to return its response head to relay B.",
+                &[],
+            )?,
+            body_bytes: counter(
+                BODY_BYTES_TOTAL,
+                "Plaintext body bytes sealed or opened, by role and direction (request, response).",
+                &["role", "direction"],
             )?,
             relay_errors: counter(
                 RELAY_ERRORS_TOTAL,
-                "Relay errors (559-569) sent or received, by code name.",
+                "Relay errors (559-569) sent by relay B or received by relay A, by code name.",
                 &["code"],
             )?,
             retries: counter(
                 RETRIES_TOTAL,
-                "Exchanges retried after pairing again, by reason.",
+                "Exchanges relay A sent again after pairing again, by reason.",
                 &["reason"],
             )?,
-            pairings: counter(PAIRINGS_TOTAL, "Pairing requests answered, by result.", &["result"])?,
+            repairs: counter(
+                REPAIRS_TOTAL,
+                "Pair pools relay A dropped to pair again, by reason.",
+                &["reason"],
+            )?,
+            pairings: counter(
+                PAIRINGS_TOTAL,
+                "Pairings by side (outbound: relay A asking, inbound: relay B answering) and result.",
+                &["side", "result"],
+            )?,
             active_sessions: IntGauge::new(ACTIVE_SESSIONS, "Pair sessions held in memory.")?,
+            replays_rejected: IntCounter::new(
+                REPLAYS_REJECTED_TOTAL,
+                "Exchanges relay B rejected because their seq was seen before or is older than the window.",
+            )?,
+            tampered: IntCounter::new(
+                TAMPERED_TOTAL,
+                "Sealed items or body framing that failed authentication or parsing (562, 565).",
+            )?,
+            store_operations: counter(
+                STORE_OPERATIONS_TOTAL,
+                "State store operations by operation and result (ok, failed).",
+                &["operation", "result"],
+            )?,
             registry,
         };
-        metrics.registry.register(Box::new(metrics.requests.clone()))?;
-        metrics.registry.register(Box::new(metrics.request_duration.clone()))?;
-        metrics.registry.register(Box::new(metrics.upstream_duration.clone()))?;
-        metrics.registry.register(Box::new(metrics.relay_errors.clone()))?;
-        metrics.registry.register(Box::new(metrics.retries.clone()))?;
-        metrics.registry.register(Box::new(metrics.pairings.clone()))?;
-        metrics.registry.register(Box::new(metrics.active_sessions.clone()))?;
+        metrics.register_all()?;
         Ok(metrics)
+    }
+
+    fn register_all(&self) -> prometheus::Result<()> {
+        let registry = &self.registry;
+        registry.register(Box::new(self.requests.clone()))?;
+        registry.register(Box::new(self.request_duration.clone()))?;
+        registry.register(Box::new(self.upstream_duration.clone()))?;
+        registry.register(Box::new(self.body_bytes.clone()))?;
+        registry.register(Box::new(self.relay_errors.clone()))?;
+        registry.register(Box::new(self.retries.clone()))?;
+        registry.register(Box::new(self.repairs.clone()))?;
+        registry.register(Box::new(self.pairings.clone()))?;
+        registry.register(Box::new(self.active_sessions.clone()))?;
+        registry.register(Box::new(self.replays_rejected.clone()))?;
+        registry.register(Box::new(self.tampered.clone()))?;
+        registry.register(Box::new(self.store_operations.clone()))?;
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
     }
 
     /// Marks the request with its role, for the request log and the request counters.
@@ -106,29 +162,96 @@ impl RelayMetrics {
     }
 
     pub fn upstream_duration(&self, elapsed: Duration) {
-        self.upstream_duration.with_label_values(&["inbound"]).observe(elapsed.as_secs_f64());
+        self.upstream_duration.with_label_values::<&str>(&[]).observe(elapsed.as_secs_f64());
     }
 
+    /// The counter of plaintext body bytes for one role and direction, to update while streaming.
+    pub fn body_bytes(&self, role: Role, direction: BodyDirection) -> IntCounter {
+        let direction = match direction {
+            BodyDirection::Request => "request",
+            BodyDirection::Response => "response",
+        };
+        self.body_bytes.with_label_values(&[role.as_str(), direction])
+    }
+
+    /// Counts a relay error, and a rejected replay or a tampered message where the code says so.
     pub fn relay_error(&self, code: RelayCode) {
         self.relay_errors.with_label_values(&[code.name()]).inc();
+    }
+
+    /// Counts a relay error that relay B detected itself.
+    pub fn rejected(&self, code: RelayCode) {
+        self.relay_error(code);
+        match code {
+            RelayCode::Replayed => self.replays_rejected.inc(),
+            RelayCode::OpenFailed | RelayCode::MalformedBody => self.tampered.inc(),
+            _ => {}
+        }
     }
 
     pub fn retry(&self, reason: RelayCode) {
         self.retries.with_label_values(&[reason.name()]).inc();
     }
 
-    pub fn pairing(&self, result: &str) {
-        self.pairings.with_label_values(&[result]).inc();
+    pub fn repair(&self, reason: RelayCode) {
+        self.repairs.with_label_values(&[reason.name()]).inc();
+    }
+
+    /// Counts a pairing step: `side` is `outbound` or `inbound`, `result` is `started`,
+    /// `succeeded` or `failed`.
+    pub fn pairing(&self, side: &str, result: &str) {
+        self.pairings.with_label_values(&[side, result]).inc();
+    }
+
+    pub fn store_operation(&self, operation: &str, ok: bool) {
+        self.store_operations.with_label_values(&[operation, if ok { "ok" } else { "failed" }]).inc();
     }
 
     /// Renders the registry in the Prometheus text format.
     pub fn render(&self, active_sessions: usize) -> String {
-        self.active_sessions.set(active_sessions as i64);
+        self.active_sessions.set(i64::try_from(active_sessions).unwrap_or(i64::MAX));
         let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(%error, "could not encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_names_every_family() {
+        let metrics = RelayMetrics::new(Registry::new()).unwrap();
+        metrics.request_done(Role::Outbound, 200, Duration::from_millis(3));
+        metrics.upstream_duration(Duration::from_millis(1));
+        metrics.body_bytes(Role::Inbound, BodyDirection::Request).inc_by(10);
+        metrics.rejected(RelayCode::Replayed);
+        metrics.rejected(RelayCode::OpenFailed);
+        metrics.retry(RelayCode::StateNotFound);
+        metrics.repair(RelayCode::StateNotFound);
+        metrics.pairing("outbound", "started");
+        metrics.store_operation("save_pair", true);
+        let text = metrics.render(3);
+        for name in [
+            REQUESTS_TOTAL,
+            REQUEST_DURATION_SECONDS,
+            UPSTREAM_DURATION_SECONDS,
+            BODY_BYTES_TOTAL,
+            RELAY_ERRORS_TOTAL,
+            RETRIES_TOTAL,
+            REPAIRS_TOTAL,
+            PAIRINGS_TOTAL,
+            ACTIVE_SESSIONS,
+            REPLAYS_REJECTED_TOTAL,
+            TAMPERED_TOTAL,
+            STORE_OPERATIONS_TOTAL,
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains("relay_active_sessions 3"), "{text}");
     }
 }

@@ -134,13 +134,42 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     .workers(config.workers)
     .keep_alive(config.keep_alive)
     .client_request_timeout(std::time::Duration::from_secs(10))
-    .shutdown_timeout(25)
+    .shutdown_timeout(config.shutdown_grace.as_secs())
+    .disable_signals()
     .bind((config.bind_address, config.port))
     .with_context(|| format!("binding {}:{}", config.bind_address, config.port))?;
     let address = server.addrs().first().copied().context("listener has no address")?;
     let server = server.run();
     state.ready.store(true, Ordering::Relaxed);
     Ok(Running { server, address, state })
+}
+
+/// Waits for SIGTERM or SIGINT, then drains: `/readyz` turns 503, the listener stops accepting,
+/// and in-flight requests get `SHUTDOWN_GRACE_SECS` to finish before the process exits.
+pub async fn drain_on_signal(handle: actix_web::dev::ServerHandle, state: web::Data<RelayState>) {
+    let signal = wait_for_stop_signal().await;
+    state.ready.store(false, Ordering::Relaxed);
+    let grace = state.config.shutdown_grace.as_secs();
+    tracing::info!(
+        signal,
+        grace_secs = grace,
+        "draining: finishing in-flight requests, accepting no new ones"
+    );
+    handle.stop(true).await;
+}
+
+async fn wait_for_stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("could not install signal handlers; stop the relay with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
 }
 
 /// Logs the effective non-secret configuration and every warning.

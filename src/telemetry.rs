@@ -37,6 +37,28 @@ pub fn init_at(format: LogFormat, level: &str) {
 /// Start time of a request, kept in its extensions.
 struct Started(Instant);
 
+/// Exchange details the handlers add to the request record: none of them is secret.
+#[derive(Debug, Default, Clone)]
+pub struct ExchangeFields {
+    /// Relay A: the peer relay's origin. Relay B: relay A's address.
+    pub peer: Option<String>,
+    /// First 8 hex digits of the pair id.
+    pub pair: Option<String>,
+    /// Status the upstream API returned.
+    pub upstream_status: Option<u16>,
+}
+
+/// Updates the exchange details of `request`'s record.
+pub fn note(request: &actix_web::HttpRequest, update: impl FnOnce(&mut ExchangeFields)) {
+    let mut extensions = request.extensions_mut();
+    if extensions.get::<ExchangeFields>().is_none() {
+        extensions.insert(ExchangeFields::default());
+    }
+    if let Some(fields) = extensions.get_mut::<ExchangeFields>() {
+        update(fields);
+    }
+}
+
 /// The per-request span and record.
 pub struct RequestLog;
 
@@ -59,6 +81,7 @@ impl RootSpanBuilder for RequestLog {
         }
         let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
         let request_id = extensions.get::<RequestId>().map(ToString::to_string).unwrap_or_default();
+        let exchange = extensions.get::<ExchangeFields>().cloned().unwrap_or_default();
         let _entered = span.enter();
         tracing::info!(
             method = %request.method(),
@@ -67,6 +90,9 @@ impl RootSpanBuilder for RequestLog {
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             role = role.as_str(),
             request_id = %request_id,
+            peer = exchange.peer.as_deref().unwrap_or(""),
+            pair = exchange.pair.as_deref().unwrap_or(""),
+            upstream_status = exchange.upstream_status.unwrap_or(0),
             "request"
         );
     }

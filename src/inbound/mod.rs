@@ -60,13 +60,13 @@ pub async fn handle(
         Ok(opened) => opened,
         Err(error) => {
             if let Some(code) = error.relay_code() {
-                state.metrics.relay_error(code);
+                state.metrics.rejected(code);
             }
             tracing::warn!(%error, status = error_status(&error), "inbound exchange rejected");
             return Err(error);
         }
     };
-    proxy::forward(opened, &clients.upstream, &state).await
+    proxy::forward(opened, &request, &clients.upstream, &state).await
 }
 
 fn error_status(error: &RelayError) -> u16 {
@@ -83,6 +83,10 @@ async fn open(
         .get(headers::RELAY)
         .ok_or_else(|| RelayError::relay(RelayCode::MissingRelayHeader, "missing x-mte-relay header"))?;
     let relay = RelayHeader::parse(value.as_bytes())?;
+    crate::telemetry::note(request, |fields| {
+        fields.pair = Some(relay.pair_id.short());
+        fields.peer = request.peer_addr().map(|address| address.ip().to_string());
+    });
     state.signer.verify(&relay.client_id)?;
     let session = find_session(&relay, state).await?;
     let context = ExchangeContext {
@@ -118,7 +122,9 @@ async fn open(
 }
 
 async fn find_session(relay: &RelayHeader, state: &RelayState) -> Result<SessionHandle, RelayError> {
-    let found = state.registry.find(&relay.pair_id).await.map_err(|error| {
+    let found = state.registry.find(&relay.pair_id).await;
+    state.metrics.store_operation("find_pair", found.is_ok());
+    let found = found.map_err(|error| {
         tracing::error!(%error, "state store lookup failed");
         RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable")
     })?;

@@ -38,13 +38,14 @@ pub async fn pair(
     state: web::Data<RelayState>,
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Inbound);
+    state.metrics.pairing("inbound", "started");
     let result = answer(&body, &state).await;
     match &result {
-        Ok(_) => state.metrics.pairing("succeeded"),
+        Ok(_) => state.metrics.pairing("inbound", "succeeded"),
         Err(error) => {
-            state.metrics.pairing("failed");
+            state.metrics.pairing("inbound", "failed");
             if let Some(code) = error.relay_code() {
-                state.metrics.relay_error(code);
+                state.metrics.rejected(code);
             }
             tracing::warn!(%error, "pairing request rejected");
         }
@@ -78,7 +79,9 @@ async fn answer(body: &[u8], state: &RelayState) -> Result<HttpResponse, RelayEr
             pair.keys,
             state.config.replay_window,
         );
-        state.registry.insert(snapshot).await.map_err(|error| {
+        let stored = state.registry.insert(snapshot).await;
+        state.metrics.store_operation("save_pair", stored.is_ok());
+        stored.map_err(|error| {
             tracing::error!(%error, "could not store a new pair");
             RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable")
         })?;

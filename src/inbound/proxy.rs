@@ -12,7 +12,8 @@ use crate::error::{RelayCode, RelayError};
 use crate::headers::{self, PSEUDO_STATUS};
 use crate::inbound::upstream::{self, UpstreamClient, UpstreamResponse};
 use crate::inbound::{OpenedBody, OpenedRequest};
-use crate::server::RelayState;
+use crate::metrics::BodyDirection;
+use crate::server::{RelayState, Role};
 
 /// Sends `opened` to the upstream API and returns the sealed answer for relay A.
 ///
@@ -21,16 +22,23 @@ use crate::server::RelayState;
 /// `UPSTREAM_TIMEOUT_SECS`. Its own 4xx and 5xx answers are not errors: they travel back sealed.
 pub async fn forward(
     opened: OpenedRequest,
+    downstream: &actix_web::HttpRequest,
     client: &UpstreamClient,
     state: &RelayState,
 ) -> Result<HttpResponse, RelayError> {
     let request = build_request(&opened, state)?;
     let length = opened.headers.content_length();
+    let request_bytes = state.metrics.body_bytes(Role::Inbound, BodyDirection::Request);
     let body = match opened.body {
         OpenedBody::Whole(bytes) if bytes.is_empty() && length.is_none() => upstream::empty_body(),
-        OpenedBody::Whole(bytes) => upstream::full_body(bytes),
+        OpenedBody::Whole(bytes) => {
+            request_bytes.inc_by(bytes.len() as u64);
+            upstream::full_body(bytes)
+        }
         OpenedBody::Stream { empty: true, .. } if length.is_none() => upstream::empty_body(),
-        OpenedBody::Stream { stream, .. } => upstream::streamed_body(Box::pin(*stream)),
+        OpenedBody::Stream { stream, .. } => {
+            upstream::streamed_body(body::counted(Box::pin(*stream), request_bytes))
+        }
     };
     let request = request
         .body(body)
@@ -40,6 +48,7 @@ pub async fn forward(
         tracing::error!(%error, "request to the upstream API failed");
     })?;
     state.metrics.upstream_duration(started.elapsed());
+    crate::telemetry::note(downstream, |fields| fields.upstream_status = Some(response.status.as_u16()));
     seal_response(response, &opened.response_cipher, opened.encode_type, opened.seal_headers, state).await
 }
 
@@ -91,10 +100,12 @@ async fn seal_response(
     answer.insert_header((header::CONTENT_TYPE, "application/octet-stream"));
     let mut sealer = RecordSealer::new(cipher.clone());
     let limit = state.config.max_body_bytes;
+    let response_bytes = state.metrics.body_bytes(Role::Inbound, BodyDirection::Response);
+    let source = body::counted(response.body, response_bytes);
     match encode_type {
-        EncodeType::Mke => Ok(answer.streaming(SealStream::new(response.body, sealer, limit))),
+        EncodeType::Mke => Ok(answer.streaming(SealStream::new(source, sealer, limit))),
         EncodeType::Mte => {
-            let plain = body::collect(response.body, limit).await?;
+            let plain = body::collect(source, limit).await?;
             Ok(answer.body(body::seal_padded(&mut sealer, &plain)?))
         }
     }

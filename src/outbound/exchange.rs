@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use crate::body::{self, BodyError, OpenStream, SealStream, Source};
 use crate::error::RelayError;
 use crate::headers::{self, PSEUDO_METHOD, PSEUDO_STATUS};
+use crate::metrics::BodyDirection;
 use crate::outbound::peer::{PeerOrigin, send_error};
 use crate::server::RelayState;
 
@@ -240,12 +241,20 @@ where
             _ => builder.body(actix_web::body::None::new()),
         });
     }
+    let counter = state.metrics.body_bytes(crate::server::Role::Outbound, BodyDirection::Response);
     match (sealed.encode_type, length) {
-        (EncodeType::Mte, _) => Ok(builder.body(body::open_padded(source, &mut opener, limit).await?)),
-        (EncodeType::Mke, Some(length)) => {
-            Ok(builder.body(SizedStream::new(length, OpenStream::new(source, opener))))
+        (EncodeType::Mte, _) => {
+            let whole = body::open_padded(source, &mut opener, limit).await?;
+            counter.inc_by(whole.len() as u64);
+            Ok(builder.body(whole))
         }
-        (EncodeType::Mke, None) => Ok(builder.streaming(OpenStream::new(source, opener))),
+        (EncodeType::Mke, Some(length)) => Ok(builder.body(SizedStream::new(
+            length,
+            body::counted(OpenStream::new(source, opener).boxed_local(), counter),
+        ))),
+        (EncodeType::Mke, None) => {
+            Ok(builder.streaming(body::counted(OpenStream::new(source, opener).boxed_local(), counter)))
+        }
     }
 }
 

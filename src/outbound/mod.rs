@@ -21,7 +21,9 @@ use subtle::ConstantTimeEq;
 use crate::body::{self, BodyError, Source};
 use crate::error::{RelayCode, RelayError};
 use crate::headers;
+use crate::metrics::BodyDirection;
 use crate::server::{RelayState, Role};
+use crate::telemetry;
 use exchange::{ExchangeOptions, SealedRequest};
 use peer::PeerOrigin;
 
@@ -38,6 +40,7 @@ pub async fn handle(
     state.metrics.role(&request, Role::Outbound);
     authorize(&request, &state)?;
     let origin = peer_origin(&request)?;
+    telemetry::note(&request, |fields| fields.peer = Some(origin.to_string()));
     if !origin.is_allowed(&state.config) {
         tracing::warn!(peer = %origin, "x-mte-upstream rejected by OUTBOUND_ALLOWLIST");
         return Err(RelayError::UpstreamNotAllowed);
@@ -49,7 +52,9 @@ pub async fn handle(
     }
     let mut body = OutboundBody::read(payload, &options, &state).await?;
     let plain = SealedRequest::plain_parts(&request);
-    relay_exchange(&plain, &origin, &options, &mut body, &state, &clients).await.map_err(application_error)
+    relay_exchange(&request, &plain, &origin, &options, &mut body, &state, &clients)
+        .await
+        .map_err(application_error)
 }
 
 /// Most pairs one request takes from the pool: a pair that expired locally is replaced without
@@ -57,6 +62,7 @@ pub async fn handle(
 const MAX_PAIR_ATTEMPTS: usize = 4;
 
 async fn relay_exchange(
+    request: &HttpRequest,
     plain: &exchange::PlainParts,
     origin: &PeerOrigin,
     options: &ExchangeOptions,
@@ -66,7 +72,7 @@ async fn relay_exchange(
 ) -> Result<HttpResponse, RelayError> {
     let mut sent = 0;
     for _ in 0..MAX_PAIR_ATTEMPTS {
-        let lease = state.pool.acquire(origin, &clients.peer).await?;
+        let lease = state.pool.acquire(origin, &clients.peer, &state.metrics).await?;
         let exchange = match lease.session.addr.send(AllocateSeq).await {
             Ok(Ok(exchange)) => exchange,
             Ok(Err(SessionError::Expired)) | Ok(Err(SessionError::Replay(_))) | Err(_) => {
@@ -75,16 +81,26 @@ async fn relay_exchange(
             }
         };
         let sealed = SealedRequest::seal(plain, &exchange, options);
+        telemetry::note(request, |fields| fields.pair = Some(exchange.pair_id.short()));
+        tracing::debug!(pair = %exchange.pair_id.short(), seq = exchange.seq, encode_type = options.encode_type.as_str(), "outbound exchange sealed");
         let Some(source) = body.source(sent) else { break };
+        let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
         sent += 1;
         let response = exchange::send(&clients.peer, origin, &sealed, source, options, state).await?;
         let status = response.status().as_u16();
         let retryable = body.is_replayable() && sent == 1;
         match RelayCode::from_status(status) {
-            None if status == 200 => return exchange::open_response(response, &sealed, state).await,
+            None if status == 200 => {
+                let response = exchange::open_response(response, &sealed, state).await?;
+                let upstream_status = response.status().as_u16();
+                telemetry::note(request, |fields| fields.upstream_status = Some(upstream_status));
+                tracing::debug!(pair = %exchange.pair_id.short(), seq = exchange.seq, upstream_status, "outbound exchange opened");
+                return Ok(response);
+            }
             None => return Err(exchange::peer_failure(response, status).await),
             Some(code @ (RelayCode::StateNotFound | RelayCode::PairExpired | RelayCode::InvalidClientId)) => {
                 state.metrics.relay_error(code);
+                state.metrics.repair(code);
                 state.pool.discard(origin, &lease, code == RelayCode::InvalidClientId);
                 if !retryable {
                     return Err(RelayError::PeerRejected { status });

@@ -18,6 +18,7 @@ use api_relay_protocol::{ClientId, ProtocolError};
 
 use crate::error::{RelayCode, RelayError};
 use crate::headers;
+use crate::metrics::RelayMetrics;
 use crate::outbound::peer::{PeerOrigin, send_error};
 
 /// Maximum bytes of a pairing answer relay A reads: room for 64 pairs of about 1.6 KiB each.
@@ -71,7 +72,12 @@ impl PairPool {
     ///
     /// # Errors
     /// `RelayError` when pairing failed: peer unreachable, timed out or rejected the pairing.
-    pub async fn acquire(&self, origin: &PeerOrigin, client: &awc::Client) -> Result<Lease, RelayError> {
+    pub async fn acquire(
+        &self,
+        origin: &PeerOrigin,
+        client: &awc::Client,
+        metrics: &RelayMetrics,
+    ) -> Result<Lease, RelayError> {
         let peer = self.peer(origin);
         if let Some(lease) = peer.take() {
             return Ok(lease);
@@ -82,15 +88,18 @@ impl PairPool {
         }
         let client_id = peer.read().client_id.clone();
         let had_client_id = client_id.is_some();
-        let (client_id, sessions) = match self.pair(origin, client, client_id).await {
+        metrics.pairing("outbound", "started");
+        let paired = match self.pair(origin, client, client_id).await {
             // The peer no longer accepts the id this relay held (its secret was rotated out):
             // fetch a new one and pair once more.
             Err(error) if had_client_id && error.relay_code() == Some(RelayCode::InvalidClientId) => {
                 peer.write().client_id = None;
-                self.pair(origin, client, None).await?
+                self.pair(origin, client, None).await
             }
-            other => other?,
+            other => other,
         };
+        metrics.pairing("outbound", if paired.is_ok() { "succeeded" } else { "failed" });
+        let (client_id, sessions) = paired?;
         let mut state = peer.write();
         state.generation += 1;
         state.pairs = sessions;
