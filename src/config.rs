@@ -52,6 +52,15 @@ pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 75;
 /// Default seconds in-flight requests get to finish after SIGTERM: below the 30 s ECS waits
 /// before it kills a container, so the relay exits on its own.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 25;
+/// Default maximum number of connections to Redis one relay process opens. Each store call
+/// uses one connection for a round trip of well under a millisecond on a local network, so 16
+/// serve thousands of calls a second. A call that finds all in use waits up to `REDIS_TIMEOUT_MS`.
+pub const DEFAULT_REDIS_POOL_SIZE: u32 = 16;
+/// Default milliseconds one Redis call may take, the wait for a connection included. After that
+/// relay B responds with 568 and relay A with 502, so a Redis outage never makes a request hang.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
+/// Default first part of every Redis key, so several deployments can share one Redis.
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "api-relay";
 /// `CLIENT_ID_SECRET` shorter than this many characters gets a start-up warning.
 pub const MIN_SECRET_CHARS: usize = 32;
 /// `PAIRING_PSK` must have at least this many characters (HPKE asks for 32 bytes of entropy).
@@ -96,6 +105,9 @@ pub struct Config {
     pub client_id_secret_previous: Option<Secret>,
     pub outbound_token: Secret,
     pub redis_url: Option<Secret>,
+    pub redis_pool_size: u32,
+    pub redis_timeout: Duration,
+    pub redis_key_prefix: String,
     pub bind_address: IpAddr,
     pub port: u16,
     pub debug: bool,
@@ -260,6 +272,9 @@ impl Config {
             reader.raw("CLIENT_ID_SECRET_PREVIOUS", "clientIdSecretPrevious").map(Secret);
         let outbound_token = reader.required("OUTBOUND_TOKEN", "outboundToken").map(Secret);
         let redis_url = reader.raw("REDIS_URL", "redisURL").and_then(|text| parse_redis_url(reader, &text));
+        let redis_key_prefix = reader
+            .raw("REDIS_KEY_PREFIX", "redisKeyPrefix")
+            .map_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned(), |text| parse_key_prefix(reader, text));
         let pairing_psk = reader.raw("PAIRING_PSK", "pairingPsk").and_then(|text| parse_psk(reader, text));
         let headers =
             reader.raw("HEADERS", "headers").map(|text| parse_headers(reader, &text)).unwrap_or_default();
@@ -344,6 +359,13 @@ impl Config {
                 "a whole number of seconds",
             )),
             workers: reader.positive("WORKERS", "workers", default_workers),
+            redis_pool_size: reader.positive("REDIS_POOL_SIZE", "redisPoolSize", DEFAULT_REDIS_POOL_SIZE),
+            redis_timeout: Duration::from_millis(reader.positive(
+                "REDIS_TIMEOUT_MS",
+                "redisTimeoutMs",
+                DEFAULT_REDIS_TIMEOUT_MS,
+            )),
+            redis_key_prefix,
             upstream: upstream?,
             client_id_secret: client_id_secret?,
             client_id_secret_previous,
@@ -402,6 +424,22 @@ fn parse_redis_url(reader: &mut Reader<'_>, text: &str) -> Option<Secret> {
             None
         }
     }
+}
+
+/// Checks a Redis key prefix: braces would change the hash tag that keeps a pair's keys in
+/// one Redis Cluster slot, and whitespace makes keys hard to type in `redis-cli`.
+fn parse_key_prefix(reader: &mut Reader<'_>, text: String) -> String {
+    if text.contains(['{', '}']) || text.chars().any(char::is_whitespace) {
+        reader.problem(
+            "REDIS_KEY_PREFIX",
+            "redisKeyPrefix",
+            format!(
+                "invalid value {text:?}, expected no braces and no spaces, e.g. {DEFAULT_REDIS_KEY_PREFIX}"
+            ),
+        );
+        return DEFAULT_REDIS_KEY_PREFIX.to_owned();
+    }
+    text
 }
 
 fn parse_psk(reader: &mut Reader<'_>, text: String) -> Option<Secret> {
@@ -540,6 +578,27 @@ mod tests {
         assert!(text.contains("REDIS_URL (redisURL): invalid URL"), "{text}");
         assert!(!text.contains("hunter2"), "message repeats the redis password: {text}");
         assert!(text.contains("PAIRING_PSK (pairingPsk): must have at least"), "{text}");
+    }
+
+    #[test]
+    fn redis_settings_have_defaults_and_are_checked() {
+        let config = Config::from_sources(&sources(&REQUIRED, &[])).unwrap();
+        assert_eq!(config.redis_pool_size, DEFAULT_REDIS_POOL_SIZE);
+        assert_eq!(config.redis_timeout, Duration::from_millis(DEFAULT_REDIS_TIMEOUT_MS));
+        assert_eq!(config.redis_key_prefix, DEFAULT_REDIS_KEY_PREFIX);
+
+        let file = [("redisPoolSize", "4"), ("redisTimeoutMs", "250"), ("redisKeyPrefix", "relay-prod")];
+        let config = Config::from_sources(&sources(&REQUIRED, &file)).unwrap();
+        assert_eq!(config.redis_pool_size, 4);
+        assert_eq!(config.redis_timeout, Duration::from_millis(250));
+        assert_eq!(config.redis_key_prefix, "relay-prod");
+
+        let mut env = REQUIRED.to_vec();
+        env.extend([("REDIS_POOL_SIZE", "0"), ("REDIS_TIMEOUT_MS", "soon"), ("REDIS_KEY_PREFIX", "a{b}")]);
+        let text = Config::from_sources(&sources(&env, &[])).unwrap_err().to_string();
+        assert!(text.contains("REDIS_POOL_SIZE (redisPoolSize): must be greater than 0"), "{text}");
+        assert!(text.contains("REDIS_TIMEOUT_MS (redisTimeoutMs): invalid value"), "{text}");
+        assert!(text.contains("REDIS_KEY_PREFIX (redisKeyPrefix): invalid value"), "{text}");
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub enum RelayError {
     /// The next hop's answer broke the protocol.
     #[error("invalid answer from {hop}: {reason}")]
     BadGateway { hop: &'static str, reason: String },
+    /// Outbound: this relay's shared state store did not respond in time, so relay A could not
+    /// allocate a sequence number or store a pair safely.
+    #[error("{reason}")]
+    StoreUnavailable { reason: String },
 }
 
 impl RelayError {
@@ -164,7 +168,8 @@ impl ResponseError for RelayError {
             RelayError::Relay { code, .. } => code.status(),
             RelayError::PeerRejected { .. }
             | RelayError::Unreachable { .. }
-            | RelayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            | RelayError::BadGateway { .. }
+            | RelayError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
             RelayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RelayError::PeerReported { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)

@@ -14,7 +14,9 @@ use actix_web::guard::{self, GuardContext};
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
-use api_relay_actors::{MemoryStore, SessionLimits, SessionRegistry, StateStore};
+use api_relay_actors::{
+    MemoryStore, RedisSettings, RedisStore, SessionLimits, SessionRegistry, StateStore, SupervisorSettings,
+};
 use api_relay_protocol::ClientIdSigner;
 use api_relay_protocol::fields::FieldLimits;
 use tracing_actix_web::TracingLogger;
@@ -57,12 +59,31 @@ pub struct RelayState {
 }
 
 impl RelayState {
-    /// Builds the state with the embedded in-memory store.
+    /// Builds the state with the Redis store when `REDIS_URL` is set, else the embedded
+    /// in-memory store. Must run inside an actix system, which the Redis store's supervisor
+    /// actor needs.
     ///
     /// # Errors
-    /// When the metrics cannot be registered.
+    /// When the metrics cannot be registered or the Redis URL is rejected by the Redis client.
     pub fn new(config: Arc<Config>, registry: prometheus::Registry) -> anyhow::Result<Self> {
-        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn StateStore> = match &config.redis_url {
+            Some(url) => {
+                let settings = RedisSettings {
+                    url: url.expose().to_owned(),
+                    pool_size: config.redis_pool_size,
+                    timeout: config.redis_timeout,
+                    key_prefix: config.redis_key_prefix.clone(),
+                    secret: config.client_id_secret.expose().as_bytes().to_vec(),
+                    previous_secret: config
+                        .client_id_secret_previous
+                        .as_ref()
+                        .map(|secret| secret.expose().as_bytes().to_vec()),
+                    supervisor: SupervisorSettings::default(),
+                };
+                RedisStore::start(settings).context("setting up the Redis state store")?
+            }
+            None => Arc::new(MemoryStore::new()),
+        };
         let limits = SessionLimits {
             idle_timeout: config.pair_idle_timeout,
             max_age: config.pair_max_age,
@@ -144,26 +165,44 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { server, address, state })
 }
 
-/// Waits for SIGTERM or SIGINT, then drains: `/readyz` turns 503, the listener stops accepting,
-/// and in-flight requests get `SHUTDOWN_GRACE_SECS` to finish before the process exits.
-pub async fn drain_on_signal(handle: actix_web::dev::ServerHandle, state: web::Data<RelayState>) {
-    let signal = wait_for_stop_signal().await;
-    state.ready.store(false, Ordering::Relaxed);
-    let grace = state.config.shutdown_grace.as_secs();
-    tracing::info!(
-        signal,
-        grace_secs = grace,
-        "draining: finishing in-flight requests, accepting no new ones"
-    );
-    handle.stop(true).await;
+/// Installs the SIGTERM and SIGINT handlers, then returns the future that waits for either and
+/// drains: `/readyz` turns 503, the listener stops accepting, and in-flight requests get
+/// `SHUTDOWN_GRACE_SECS` to finish before the process exits. Call it before announcing the
+/// listener, because until the handlers exist SIGTERM kills the process without draining.
+pub fn drain_on_signal(
+    handle: actix_web::dev::ServerHandle,
+    state: web::Data<RelayState>,
+) -> impl std::future::Future<Output = ()> {
+    let signals = install_stop_signals();
+    async move {
+        let signal = wait_for_stop_signal(signals).await;
+        state.ready.store(false, Ordering::Relaxed);
+        let grace = state.config.shutdown_grace.as_secs();
+        tracing::info!(
+            signal,
+            grace_secs = grace,
+            "draining: finishing in-flight requests, accepting no new ones"
+        );
+        handle.stop(true).await;
+    }
 }
 
-async fn wait_for_stop_signal() -> &'static str {
+/// SIGTERM and SIGINT streams. A signal that arrives after they are created and before they are
+/// awaited is still delivered.
+type StopSignals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn install_stop_signals() -> Option<StopSignals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    let (Ok(terminate), Ok(interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
         tracing::error!("could not install signal handlers; stop the relay with SIGKILL");
+        return None;
+    };
+    Some((terminate, interrupt))
+}
+
+async fn wait_for_stop_signal(signals: Option<StopSignals>) -> &'static str {
+    let Some((mut terminate, mut interrupt)) = signals else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -176,7 +215,7 @@ async fn wait_for_stop_signal() -> &'static str {
 pub fn log_startup(config: &Config) {
     tracing::info!(
         upstream = %config.upstream,
-        store = if config.redis_url.is_some() { "redis (not yet used: memory)" } else { "memory" },
+        store = if config.redis_url.is_some() { "redis" } else { "memory" },
         debug = config.debug,
         workers = config.workers,
         pair_pool_size = config.pair_pool_size,
@@ -187,6 +226,21 @@ pub fn log_startup(config: &Config) {
         pairing_psk = config.pairing_psk.is_some(),
         "configuration loaded"
     );
+    if let Some(url) = &config.redis_url {
+        // Only host and port: the URL may carry a password.
+        let address = url::Url::parse(url.expose())
+            .ok()
+            .map(|url| format!("{}:{}", url.host_str().unwrap_or_default(), url.port().unwrap_or(6379)))
+            .unwrap_or_default();
+        tracing::info!(
+            redis_address = address,
+            redis_tls = url.expose().starts_with("rediss:"),
+            redis_key_prefix = config.redis_key_prefix,
+            redis_pool_size = config.redis_pool_size,
+            redis_timeout_ms = u64::try_from(config.redis_timeout.as_millis()).unwrap_or(u64::MAX),
+            "state store: Redis, shared with the other relays that use it"
+        );
+    }
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }

@@ -8,19 +8,31 @@
 //! - [`registry`]: `SessionRegistry`, the map from pair id to live `PeerSession`, which loads a
 //!   session from the state store on a miss.
 //! - [`store`]: the `StateStore` trait and its embedded in-memory implementation.
+//! - [`redis_store`]: `RedisStore`, the state store several relay processes share.
+//! - [`sealing`]: how `RedisStore` seals pair keys at rest.
+//! - [`supervisor`]: `SnapshotSupervisor`, which watches the shared store's connections.
 //! - [`snapshot`]: `PairSnapshot`, the serialisable copy of a session the store keeps.
 //!
 //! Request path: an HTTP handler asks the registry for the pair's `PeerSession`, sends it one
 //! message (`AllocateSeq` or `AcceptSeq`) and gets back the `seq` and the pair keys. The handler
-//! then does all sealing and I/O itself, so one busy pair never makes another wait.
+//! then does all sealing and I/O itself, so one busy pair never makes another wait. With a shared
+//! store, the session also asks the store: relay A for a block of `seq` numbers, relay B for the
+//! atomic replay check of every `seq`.
 #![forbid(unsafe_code)]
 
+pub mod redis_store;
 pub mod registry;
+pub mod sealing;
 pub mod session;
 pub mod snapshot;
 pub mod store;
+pub mod supervisor;
 
+pub use redis_store::{RedisSettings, RedisStore};
 pub use registry::{SessionHandle, SessionRegistry};
-pub use session::{AcceptSeq, AllocateSeq, Exchange, PeerSession, SessionError, SessionLimits};
+pub use session::{
+    AcceptSeq, AllocateSeq, Exchange, PeerSession, SEQ_BLOCK, SeqReply, SessionError, SessionLimits,
+};
 pub use snapshot::{PairSnapshot, Role};
-pub use store::{MemoryStore, StateStore, StoreError};
+pub use store::{MemoryStore, PoolRecord, SeqCheck, StateStore, StoreError};
+pub use supervisor::{SnapshotSupervisor, StoreHealth, SupervisorSettings};

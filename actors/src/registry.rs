@@ -5,12 +5,13 @@
 //! created it; its address works from every worker.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use actix::{Actor, Addr};
 use api_relay_protocol::{ClientId, PairId, PairKeys};
 
-use crate::{PairSnapshot, PeerSession, SessionLimits, StateStore, StoreError};
+use crate::{PairSnapshot, PeerSession, Role, SessionLimits, StateStore, StoreError};
 
 /// A live session as the request path sees it: the actor, plus the immutable parts of the pair
 /// so a handler can open items before it asks the actor to accept the `seq`.
@@ -20,23 +21,28 @@ pub struct SessionHandle {
     pub pair_id: PairId,
     pub client_id: ClientId,
     pub keys: Arc<PairKeys>,
+    pub role: Role,
+    /// Number of this session among all sessions the registry started, so a stopping session
+    /// removes its own entry and never a newer session of the same pair.
+    pub(crate) serial: u64,
 }
 
-/// Map from pair id to live session, backed by a state store.
+/// Map from pair id and role to live session, backed by a state store.
 #[derive(Clone)]
 pub struct SessionRegistry {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    sessions: RwLock<HashMap<PairId, SessionHandle>>,
+    sessions: RwLock<HashMap<(PairId, Role), SessionHandle>>,
     store: Arc<dyn StateStore>,
     limits: SessionLimits,
+    next_serial: AtomicU64,
 }
 
 impl SessionRegistry {
     pub fn new(store: Arc<dyn StateStore>, limits: SessionLimits) -> Self {
-        let inner = Inner { sessions: RwLock::default(), store, limits };
+        let inner = Inner { sessions: RwLock::default(), store, limits, next_serial: AtomicU64::new(1) };
         Self { inner: Arc::new(inner) }
     }
 
@@ -44,29 +50,52 @@ impl SessionRegistry {
         &self.inner.store
     }
 
+    pub fn limits(&self) -> SessionLimits {
+        self.inner.limits
+    }
+
     /// Stores a new pair and starts its session on the current worker.
     ///
     /// # Errors
     /// `StoreError` when the store did not take the snapshot; the pair must not be used then.
     pub async fn insert(&self, snapshot: PairSnapshot) -> Result<SessionHandle, StoreError> {
-        self.inner.store.save_pair(&snapshot).await?;
+        let ttl = self.inner.limits.store_ttl(snapshot.created_at).unwrap_or(self.inner.limits.idle_timeout);
+        self.inner.store.save_pair(&snapshot, ttl).await?;
         Ok(self.start(snapshot))
     }
 
-    /// The session of `pair_id`: from memory, else loaded from the store, else `None`.
+    /// Finds relay B's session of `pair_id`: in memory, else loaded from a shared store.
     ///
     /// # Errors
     /// `StoreError` when the store could not be asked.
     pub async fn find(&self, pair_id: &PairId) -> Result<Option<SessionHandle>, StoreError> {
-        if let Some(addr) = self.live(pair_id) {
-            return Ok(Some(addr));
+        self.find_as(pair_id, Role::Inbound).await
+    }
+
+    /// Finds the session of `pair_id` in `role`: in memory, else loaded from a shared store. A
+    /// stored pair that is past its maximum age or does not open counts as absent.
+    ///
+    /// # Errors
+    /// `StoreError` when the store could not be asked.
+    pub async fn find_as(&self, pair_id: &PairId, role: Role) -> Result<Option<SessionHandle>, StoreError> {
+        if let Some(handle) = self.live(pair_id, role) {
+            return Ok(Some(handle));
         }
         if !self.inner.store.is_shared() {
             return Ok(None);
         }
-        let Some(snapshot) = self.inner.store.load_pair(pair_id).await? else {
-            return Ok(None);
+        let snapshot = match self.inner.store.load_pair(pair_id, role).await {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return Ok(None),
+            Err(error @ StoreError::Corrupt { .. }) => {
+                tracing::warn!(pair = %pair_id.short(), role = role.as_str(), %error, "ignoring an unreadable stored pair");
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
         };
+        if self.inner.limits.store_ttl(snapshot.created_at).is_none() {
+            return Ok(None);
+        }
         Ok(Some(self.start(snapshot)))
     }
 
@@ -80,42 +109,54 @@ impl SessionRegistry {
     }
 
     /// Drops a pair from memory and from the store; called by a session that expired.
-    pub fn forget(&self, pair_id: PairId) {
-        self.sessions_mut().remove(&pair_id);
+    pub(crate) fn forget(&self, pair_id: PairId, role: Role, serial: u64) {
+        self.evict(pair_id, role, serial);
         let store = Arc::clone(&self.inner.store);
         actix::spawn(async move {
-            if let Err(error) = store.remove_pair(&pair_id).await {
+            if let Err(error) = store.remove_pair(&pair_id, role).await {
                 tracing::warn!(pair = %pair_id.short(), %error, "could not remove expired pair from the state store");
             }
         });
     }
 
+    /// Drops a session from memory only and leaves the pair in the store for other processes.
+    /// A session of a shared store calls it when it sat idle in this process.
+    pub(crate) fn evict(&self, pair_id: PairId, role: Role, serial: u64) {
+        let mut sessions = self.sessions_mut();
+        if sessions.get(&(pair_id, role)).is_some_and(|handle| handle.serial == serial) {
+            sessions.remove(&(pair_id, role));
+        }
+    }
+
     /// Starts a session unless one is already live for the pair (another worker may have
     /// loaded it meanwhile), and returns the live one.
     fn start(&self, snapshot: PairSnapshot) -> SessionHandle {
+        let key = (snapshot.pair_id, snapshot.role);
         let mut sessions = self.sessions_mut();
-        if let Some(handle) = sessions.get(&snapshot.pair_id).filter(|handle| handle.addr.connected()) {
+        if let Some(handle) = sessions.get(&key).filter(|handle| handle.addr.connected()) {
             return handle.clone();
         }
+        let serial = self.inner.next_serial.fetch_add(1, Ordering::Relaxed);
         let pair_id = snapshot.pair_id;
+        let role = snapshot.role;
         let client_id = snapshot.client_id.clone();
         let keys = Arc::clone(&snapshot.keys);
-        let addr = PeerSession::new(snapshot, self.inner.limits, self.clone()).start();
-        let handle = SessionHandle { addr, pair_id, client_id, keys };
-        sessions.insert(pair_id, handle.clone());
+        let addr = PeerSession::new(snapshot, self.inner.limits, self.clone(), serial).start();
+        let handle = SessionHandle { addr, pair_id, client_id, keys, role, serial };
+        sessions.insert(key, handle.clone());
         handle
     }
 
-    fn live(&self, pair_id: &PairId) -> Option<SessionHandle> {
-        self.sessions().get(pair_id).filter(|handle| handle.addr.connected()).cloned()
+    fn live(&self, pair_id: &PairId, role: Role) -> Option<SessionHandle> {
+        self.sessions().get(&(*pair_id, role)).filter(|handle| handle.addr.connected()).cloned()
     }
 
-    fn sessions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PairId, SessionHandle>> {
+    fn sessions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<(PairId, Role), SessionHandle>> {
         // Every write is a single insert or remove, so a poisoned map is still consistent.
         self.inner.sessions.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn sessions_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PairId, SessionHandle>> {
+    fn sessions_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<(PairId, Role), SessionHandle>> {
         self.inner.sessions.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

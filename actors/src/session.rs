@@ -4,19 +4,38 @@
 //! same `seq` (relay A) and one `seq` is never accepted twice (relay B). It hands out the pair
 //! keys with each `seq`; the sealing itself runs in the caller.
 //!
+//! With the in-memory store, the actor itself keeps relay A's next `seq` and relay B's replay
+//! window. With a shared store, several processes may have a session of the same pair, so the
+//! store decides. Relay A reserves blocks of [`SEQ_BLOCK`] numbers with one atomic increment in
+//! the store and hands them out one by one. Relay B runs the store's atomic replay check for
+//! every `seq`. A store that does not answer makes the message fail with
+//! [`SessionError::Store`]; nothing is handed out or accepted then.
+//!
 //! A pair expires when it was idle longer than `idle_timeout`, is older than `max_age`, or has
 //! carried `max_exchanges` exchanges, which bounds how much traffic one key protects. An expired
-//! session stops and removes itself from the registry and the store.
+//! session stops and removes itself from the registry and the store. With a shared store, a
+//! session idle in this process only leaves this process's memory: the store expires the pair
+//! once no process has used it for `idle_timeout`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use api_relay_protocol::replay::ReplayWindow;
 use api_relay_protocol::{ClientId, PairId, PairKeys, ProtocolError};
 use thiserror::Error;
 
+use crate::snapshot::unix_now;
+use crate::store::SeqCheck;
 use crate::{PairSnapshot, Role, SessionRegistry};
+
+/// Sequence numbers relay A reserves from a shared store at once. A process that stops skips
+/// the rest of its block, so a crash loses at most this many numbers and never repeats one.
+pub const SEQ_BLOCK: u64 = 64;
+
+/// Replay window of a pair whose snapshot carries none (the protocol default).
+const DEFAULT_WINDOW: u64 = 1024;
 
 /// Relay A asks for the next `seq` of this pair. Replies with the exchange to seal, or an error
 /// when the pair must be replaced.
@@ -55,6 +74,9 @@ pub enum SessionError {
     /// The pair reached its maximum age or exchange count, or sat idle too long.
     #[error("pair expired")]
     Expired,
+    /// The shared store did not respond, so the session could not decide safely.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// When pairs expire.
@@ -65,6 +87,16 @@ pub struct SessionLimits {
     pub max_exchanges: u64,
 }
 
+impl SessionLimits {
+    /// Remaining lifetime a store gives a pair created at `created_at` (Unix seconds): the idle
+    /// timeout, capped at the time left until the maximum age. `None` once the maximum age passed.
+    pub fn store_ttl(&self, created_at: u64) -> Option<Duration> {
+        let age = Duration::from_secs(unix_now().saturating_sub(created_at));
+        let left = self.max_age.checked_sub(age).filter(|left| !left.is_zero())?;
+        Some(left.min(self.idle_timeout))
+    }
+}
+
 /// The actor owning one pair.
 pub struct PeerSession {
     snapshot: PairSnapshot,
@@ -72,17 +104,49 @@ pub struct PeerSession {
     last_used: Instant,
     exchanges: u64,
     registry: SessionRegistry,
+    serial: u64,
+    /// Whether the store is shared, so `seq` and the replay window live there.
+    shared: bool,
+    /// Relay A with a shared store: the next number of the reserved block.
+    reserved_next: u64,
+    /// Relay A with a shared store: the last number of the reserved block.
+    reserved_last: u64,
+    /// Relay A with a shared store: when the pair's lifetime in the store was last set.
+    refreshed: Instant,
 }
 
+type Reply = Result<Exchange, SessionError>;
+
 impl PeerSession {
-    pub fn new(snapshot: PairSnapshot, limits: SessionLimits, registry: SessionRegistry) -> Self {
-        Self { snapshot, limits, last_used: Instant::now(), exchanges: 0, registry }
+    pub fn new(
+        snapshot: PairSnapshot,
+        limits: SessionLimits,
+        registry: SessionRegistry,
+        serial: u64,
+    ) -> Self {
+        let shared = registry.store().is_shared();
+        Self {
+            snapshot,
+            limits,
+            last_used: Instant::now(),
+            exchanges: 0,
+            registry,
+            serial,
+            shared,
+            reserved_next: 1,
+            reserved_last: 0,
+            refreshed: Instant::now(),
+        }
     }
 
-    fn expired(&self) -> bool {
+    /// Returns whether the pair reached its maximum age or exchange count, in whichever process
+    /// it was used.
+    fn worn_out(&self) -> bool {
+        self.snapshot.age() >= self.limits.max_age || self.exchanges >= self.limits.max_exchanges
+    }
+
+    fn idle(&self) -> bool {
         self.last_used.elapsed() >= self.limits.idle_timeout
-            || self.snapshot.age() >= self.limits.max_age
-            || self.exchanges >= self.limits.max_exchanges
     }
 
     fn exchange(&mut self, seq: u64) -> Exchange {
@@ -96,10 +160,124 @@ impl PeerSession {
         }
     }
 
+    /// Stops the session and removes the pair from memory and from the store.
     fn expire(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair expired");
-        self.registry.forget(self.snapshot.pair_id);
+        self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
         ctx.stop();
+    }
+
+    /// Stops the session and removes it from this process's memory only.
+    fn evict(&mut self, ctx: &mut Context<Self>) {
+        tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair left memory");
+        self.registry.evict(self.snapshot.pair_id, self.snapshot.role, self.serial);
+        ctx.stop();
+    }
+
+    /// Relay A with a shared store: sets the pair's lifetime in the store again after use, so
+    /// that the pair stays stored while this process uses numbers of a reserved block.
+    fn refresh(&mut self, ctx: &mut Context<Self>) {
+        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else { return };
+        self.refreshed = Instant::now();
+        let store = Arc::clone(self.registry.store());
+        let pair_id = self.snapshot.pair_id;
+        let touch = async move { store.touch_pair(&pair_id, Role::Outbound, ttl).await };
+        ctx.spawn(touch.into_actor(self).map(move |result, _, _| match result {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(pair = %pair_id.short(), "pair is no longer in the state store"),
+            Err(error) => {
+                tracing::debug!(pair = %pair_id.short(), %error, "could not refresh the pair's lifetime")
+            }
+        }));
+    }
+
+    /// Hands out `seq` of a reserved block, unless it passes the exchange limit.
+    fn reserved_exchange(&mut self, seq: u64, ctx: &mut Context<Self>) -> Reply {
+        if seq > self.limits.max_exchanges {
+            self.expire(ctx);
+            return Err(SessionError::Expired);
+        }
+        Ok(self.exchange(seq))
+    }
+
+    /// Relay A with a shared store: reserves the next block and hands out its first number.
+    fn reserve_block(&mut self, ctx: &mut Context<Self>) -> SeqReply {
+        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else {
+            self.expire(ctx);
+            return SeqReply::Now(Err(SessionError::Expired));
+        };
+        let store = Arc::clone(self.registry.store());
+        let pair_id = self.snapshot.pair_id;
+        let reserve = async move { store.reserve_seqs(&pair_id, SEQ_BLOCK, ttl).await };
+        let handled = reserve.into_actor(self).map(|result, session, ctx| match result {
+            Ok(Some(block)) => {
+                session.refreshed = Instant::now();
+                session.reserved_next = block.start() + 1;
+                session.reserved_last = *block.end();
+                session.reserved_exchange(*block.start(), ctx)
+            }
+            // Expired in the store (idle or too old) or removed by another process.
+            Ok(None) => {
+                session.evict(ctx);
+                Err(SessionError::Expired)
+            }
+            Err(error) => Err(SessionError::Store(error.to_string())),
+        });
+        SeqReply::Atomic(AtomicResponse::new(Box::pin(handled)))
+    }
+
+    /// Relay B with a shared store: the store's atomic replay check of `seq`.
+    fn accept_shared(&mut self, seq: u64, ctx: &mut Context<Self>) -> SeqReply {
+        let ttl = self.limits.store_ttl(self.snapshot.created_at);
+        let Some(ttl) = ttl.filter(|_| !self.worn_out() && seq <= self.limits.max_exchanges) else {
+            self.expire(ctx);
+            return SeqReply::Now(Err(SessionError::Expired));
+        };
+        let store = Arc::clone(self.registry.store());
+        let pair_id = self.snapshot.pair_id;
+        let window = self.snapshot.window.as_ref().map_or(DEFAULT_WINDOW, ReplayWindow::size);
+        let check = async move { store.accept_seq(&pair_id, seq, window, ttl).await };
+        SeqReply::Concurrent(Box::pin(check.into_actor(self).map(move |result, session, ctx| match result {
+            Ok(SeqCheck::Accepted) => Ok(session.exchange(seq)),
+            Ok(SeqCheck::Replayed) => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
+            Ok(SeqCheck::Stale) => Err(SessionError::Replay(ProtocolError::Stale { seq })),
+            Ok(SeqCheck::PairNotFound) => {
+                session.evict(ctx);
+                Err(SessionError::Expired)
+            }
+            Err(error) => Err(SessionError::Store(error.to_string())),
+        })))
+    }
+}
+
+/// A session's reply to `AllocateSeq` or `AcceptSeq`: sent at once, or after a store call.
+///
+/// A reply known at once is sent before the handler returns, so it arrives even when the
+/// session stops in the same step (an expired pair). Actix drops the futures of a stopping
+/// actor, so a future reply would be lost there.
+pub enum SeqReply {
+    /// Sent at once.
+    Now(Reply),
+    /// After a store call that holds back the session's other messages (relay A's block
+    /// reservation, so concurrent allocations wait for one block instead of reserving many).
+    Atomic(AtomicResponse<PeerSession, Reply>),
+    /// After a store call that runs beside the session's other messages (relay B's replay
+    /// check, which the store makes atomic).
+    Concurrent(ResponseActFuture<PeerSession, Reply>),
+}
+
+impl<M: Message<Result = Reply>> MessageResponse<PeerSession, M> for SeqReply {
+    fn handle(self, ctx: &mut Context<PeerSession>, tx: Option<OneshotSender<Reply>>) {
+        match self {
+            SeqReply::Now(reply) => {
+                if let Some(tx) = tx {
+                    // The sender stopped waiting, so the reply is dropped.
+                    let _ = tx.send(reply);
+                }
+            }
+            SeqReply::Atomic(response) => MessageResponse::<PeerSession, M>::handle(response, ctx, tx),
+            SeqReply::Concurrent(future) => MessageResponse::<PeerSession, M>::handle(future, ctx, tx),
+        }
     }
 }
 
@@ -117,36 +295,57 @@ impl Handler<CheckExpiry> for PeerSession {
     type Result = ();
 
     fn handle(&mut self, _: CheckExpiry, ctx: &mut Self::Context) {
-        if self.expired() {
+        if self.worn_out() {
             self.expire(ctx);
+        } else if self.idle() && self.shared {
+            self.evict(ctx);
+        } else if self.idle() {
+            self.expire(ctx);
+        } else if self.shared && self.snapshot.role == Role::Outbound && self.last_used > self.refreshed {
+            self.refresh(ctx);
         }
     }
 }
 
 impl Handler<AllocateSeq> for PeerSession {
-    type Result = Result<Exchange, SessionError>;
+    type Result = SeqReply;
 
     fn handle(&mut self, _: AllocateSeq, ctx: &mut Self::Context) -> Self::Result {
-        if self.snapshot.role != Role::Outbound || self.expired() {
+        let idle_here = !self.shared && self.idle();
+        if self.snapshot.role != Role::Outbound || self.worn_out() || idle_here {
             self.expire(ctx);
-            return Err(SessionError::Expired);
+            return SeqReply::Now(Err(SessionError::Expired));
         }
-        let seq = self.snapshot.next_seq;
-        self.snapshot.next_seq += 1;
-        Ok(self.exchange(seq))
+        if !self.shared {
+            let seq = self.snapshot.next_seq;
+            self.snapshot.next_seq += 1;
+            return SeqReply::Now(Ok(self.exchange(seq)));
+        }
+        if self.reserved_next <= self.reserved_last {
+            let seq = self.reserved_next;
+            self.reserved_next += 1;
+            return SeqReply::Now(self.reserved_exchange(seq, ctx));
+        }
+        self.reserve_block(ctx)
     }
 }
 
 impl Handler<AcceptSeq> for PeerSession {
-    type Result = Result<Exchange, SessionError>;
+    type Result = SeqReply;
 
     fn handle(&mut self, message: AcceptSeq, ctx: &mut Self::Context) -> Self::Result {
-        if self.expired() {
-            self.expire(ctx);
-            return Err(SessionError::Expired);
+        if self.shared {
+            return self.accept_shared(message.seq, ctx);
         }
-        let window = self.snapshot.window.get_or_insert_with(|| ReplayWindow::new(1024));
-        window.check_and_mark(message.seq)?;
-        Ok(self.exchange(message.seq))
+        if self.worn_out() || self.idle() {
+            self.expire(ctx);
+            return SeqReply::Now(Err(SessionError::Expired));
+        }
+        let window = self.snapshot.window.get_or_insert_with(|| ReplayWindow::new(DEFAULT_WINDOW));
+        let reply = match window.check_and_mark(message.seq) {
+            Ok(()) => Ok(self.exchange(message.seq)),
+            Err(error) => Err(SessionError::Replay(error)),
+        };
+        SeqReply::Now(reply)
     }
 }

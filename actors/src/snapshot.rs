@@ -8,7 +8,7 @@ use api_relay_protocol::replay::ReplayWindow;
 use api_relay_protocol::{ClientId, PairId, PairKeys};
 
 /// Which side of the pair this relay is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// Relay A: seals requests, allocates `seq`.
     Outbound,

@@ -185,6 +185,14 @@ fn mac_matches(key: &HmacSha256, uuid: &str, expected: &[u8; 32]) -> bool {
 }
 
 #[cfg(test)]
+impl ClientIdSigner {
+    /// A fixed client id, so tests of other modules get the same AAD on every run.
+    pub(crate) fn sign_uuid_for_tests(&self) -> ClientId {
+        self.sign("00000000-0000-4000-8000-000000000000")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -230,13 +238,5 @@ mod tests {
         let id = ClientIdSigner::new(b"s1", None).issue();
         let mac = id.as_str().split_once('.').unwrap().1;
         assert!(!format!("{id:?}").contains(mac));
-    }
-}
-
-#[cfg(test)]
-impl ClientIdSigner {
-    /// A fixed client id, so tests of other modules get the same AAD on every run.
-    pub(crate) fn sign_uuid_for_tests(&self) -> ClientId {
-        self.sign("00000000-0000-4000-8000-000000000000")
     }
 }

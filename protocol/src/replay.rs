@@ -55,6 +55,11 @@ impl ReplayWindow {
         self.highest
     }
 
+    /// Sequence numbers the window covers, after rounding up to a multiple of 64.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     fn get(&self, offset: u64) -> bool {
         self.bits[(offset / 64) as usize] >> (offset % 64) & 1 == 1
     }

@@ -197,6 +197,12 @@ async fn accept(session: &SessionHandle, seq: u64) -> Result<(), RelayError> {
         Ok(Err(SessionError::Expired)) => {
             Err(RelayError::relay(RelayCode::PairExpired, "pair expired; pair again"))
         }
+        // The seq stays unmarked and the upstream has not seen the exchange, so the replay
+        // window still accepts a later copy of it once.
+        Ok(Err(SessionError::Store(reason))) => {
+            tracing::error!(pair = %session.pair_id.short(), seq, %reason, "replay check in the state store failed");
+            Err(RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable"))
+        }
         Err(_) => Err(RelayError::relay(RelayCode::StateNotFound, "pair not found; pair again")),
     }
 }

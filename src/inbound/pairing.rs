@@ -2,7 +2,7 @@
 //! `POST /api/mte-pair` answers a pairing request and stores the new pairs before answering.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use api_relay_actors::{PairSnapshot, Role as PairRole};
+use api_relay_actors::{PairSnapshot, Role as PairRole, StoreError};
 use api_relay_protocol::ClientId;
 use api_relay_protocol::pairing::{self, PairingRequest};
 
@@ -31,7 +31,8 @@ pub async fn client_id(request: HttpRequest, state: web::Data<RelayState>) -> Ht
 ///
 /// # Errors
 /// 566 for a client id this relay did not sign, 559 for another protocol version, 564 for a
-/// malformed or over-limit request, 568 when the new pairs could not be stored.
+/// malformed or over-limit request or a pair id already stored, 568 when the new pairs could
+/// not be stored.
 pub async fn pair(
     request: HttpRequest,
     body: web::Bytes,
@@ -81,9 +82,15 @@ async fn answer(body: &[u8], state: &RelayState) -> Result<HttpResponse, RelayEr
         );
         let stored = state.registry.insert(snapshot).await;
         state.metrics.store_operation("save_pair", stored.is_ok());
-        stored.map_err(|error| {
-            tracing::error!(%error, "could not store a new pair");
-            RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable")
+        stored.map_err(|error| match error {
+            // An offer may not take over the id of a stored pair, which may still be live.
+            StoreError::PairExists { .. } => {
+                RelayError::relay(RelayCode::PairingRejected, "pair id already in use; offer a new one")
+            }
+            error => {
+                tracing::error!(%error, "could not store a new pair");
+                RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable")
+            }
         })?;
     }
     tracing::info!(client = client_id.uuid(), pairs = response.pairs.len(), "paired with relay A");

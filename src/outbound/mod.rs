@@ -79,6 +79,10 @@ async fn relay_exchange(
                 state.pool.discard(origin, &lease, false);
                 continue;
             }
+            Ok(Err(SessionError::Store(reason))) => {
+                tracing::error!(peer = %origin, pair = %lease.session.pair_id.short(), %reason, "could not allocate a sequence number");
+                return Err(RelayError::StoreUnavailable { reason });
+            }
         };
         let sealed = SealedRequest::seal(plain, &exchange, options);
         telemetry::note(request, |fields| fields.pair = Some(exchange.pair_id.short()));

@@ -6,13 +6,18 @@
 //! the pair expired (567) or the client id is no longer valid (566, which also drops the id),
 //! the whole generation of pairs is dropped once, and the next request pairs again; a stale
 //! report about an older generation changes nothing.
+//!
+//! With a shared state store, each pairing also stores the pool (client id and pair ids) under
+//! the peer origin. On a pool miss relay A looks there before it pairs, so a restarted relay A,
+//! or another relay A process sharing the store, reuses the stored pairs. Dropping a generation
+//! removes its stored pool too, unless another process has stored a newer one meanwhile.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use api_relay_actors::{PairSnapshot, Role, SessionHandle, SessionRegistry};
+use api_relay_actors::{PairSnapshot, PoolRecord, Role, SessionHandle, SessionRegistry, StoreError};
 use api_relay_protocol::pairing::{PairingInitiator, PairingResponse};
 use api_relay_protocol::{ClientId, ProtocolError};
 
@@ -48,6 +53,11 @@ struct PoolState {
     generation: u64,
     pairs: Vec<SessionHandle>,
     client_id: Option<ClientId>,
+    /// The stored pool this generation was saved as or restored from (shared store only).
+    record: Option<PoolRecord>,
+    /// The stored pool of the last dropped generation, never restored again even while its
+    /// removal from the store is still on its way.
+    dropped: Option<PoolRecord>,
 }
 
 /// One pair taken from the pool for one exchange.
@@ -68,10 +78,12 @@ impl PairPool {
         Self { peers: Mutex::default(), registry, size, window, psk, timeout }
     }
 
-    /// A pair for `origin`, pairing first if the pool is empty.
+    /// A pair for `origin`. When the pool is empty, it restores the pool stored in a shared
+    /// state store, or else pairs.
     ///
     /// # Errors
-    /// `RelayError` when pairing failed: peer unreachable, timed out or rejected the pairing.
+    /// `RelayError` when pairing failed (peer unreachable, timed out or rejected the pairing) or
+    /// the shared state store did not respond.
     pub async fn acquire(
         &self,
         origin: &PeerOrigin,
@@ -84,6 +96,9 @@ impl PairPool {
         }
         let _pairing = peer.pairing.lock().await;
         if let Some(lease) = peer.take() {
+            return Ok(lease);
+        }
+        if let Some(lease) = self.restore(origin, &peer).await? {
             return Ok(lease);
         }
         let client_id = peer.read().client_id.clone();
@@ -100,10 +115,12 @@ impl PairPool {
         };
         metrics.pairing("outbound", if paired.is_ok() { "succeeded" } else { "failed" });
         let (client_id, sessions) = paired?;
+        let record = self.save_pool(origin, &client_id, &sessions).await;
         let mut state = peer.write();
         state.generation += 1;
         state.pairs = sessions;
         state.client_id = Some(client_id);
+        state.record = record;
         drop(state);
         peer.take().ok_or_else(|| RelayError::BadGateway {
             hop: "peer relay",
@@ -116,10 +133,79 @@ impl PairPool {
     pub fn discard(&self, origin: &PeerOrigin, lease: &Lease, forget_client_id: bool) {
         let peer = self.peer(origin);
         let mut state = peer.write();
-        if state.generation == lease.generation {
-            state.pairs.clear();
-            if forget_client_id {
-                state.client_id = None;
+        if state.generation != lease.generation {
+            return;
+        }
+        state.pairs.clear();
+        if forget_client_id {
+            state.client_id = None;
+        }
+        if let Some(record) = state.record.take() {
+            state.dropped = Some(record.clone());
+            let store = std::sync::Arc::clone(self.registry.store());
+            let key = origin.key().to_owned();
+            actix::spawn(async move {
+                if let Err(error) = store.remove_pool(&key, &record).await {
+                    tracing::warn!(peer = %key, %error, "could not remove dropped pairs from the state store");
+                }
+            });
+        }
+    }
+
+    /// Restores the pool stored for `origin` in a shared state store, skipping pairs that are
+    /// no longer stored. Returns `None` when there is nothing to restore.
+    async fn restore(&self, origin: &PeerOrigin, peer: &PeerPairs) -> Result<Option<Lease>, RelayError> {
+        let store = self.registry.store();
+        if !store.is_shared() {
+            return Ok(None);
+        }
+        let Some(record) = store.load_pool(origin.key()).await.map_err(store_unavailable)? else {
+            return Ok(None);
+        };
+        if peer.read().dropped.as_ref() == Some(&record) {
+            return Ok(None);
+        }
+        let mut sessions = Vec::with_capacity(record.pair_ids.len());
+        for pair_id in &record.pair_ids {
+            let found = self.registry.find_as(pair_id, Role::Outbound).await.map_err(store_unavailable)?;
+            if let Some(session) = found.filter(|session| session.client_id == record.client_id) {
+                sessions.push(session);
+            }
+        }
+        if sessions.is_empty() {
+            return Ok(None);
+        }
+        tracing::info!(peer = %origin, pairs = sessions.len(), client = record.client_id.uuid(), "reusing stored pairs for peer relay");
+        let mut state = peer.write();
+        state.generation += 1;
+        state.pairs = sessions;
+        state.client_id = Some(record.client_id.clone());
+        state.record = Some(record);
+        drop(state);
+        Ok(peer.take())
+    }
+
+    /// Stores the pool of a new pairing in a shared state store. A failure only costs the reuse
+    /// after a restart, so it is logged and the pairs are used anyway.
+    async fn save_pool(
+        &self,
+        origin: &PeerOrigin,
+        client_id: &ClientId,
+        sessions: &[SessionHandle],
+    ) -> Option<PoolRecord> {
+        let store = self.registry.store();
+        if !store.is_shared() {
+            return None;
+        }
+        let pair_ids = sessions.iter().map(|session| session.pair_id).collect();
+        let record = PoolRecord { client_id: client_id.clone(), pair_ids };
+        // No stored pair outlives its maximum age, so neither does the pool that lists them.
+        let ttl = self.registry.limits().max_age;
+        match store.save_pool(origin.key(), &record, ttl).await {
+            Ok(()) => Some(record),
+            Err(error) => {
+                tracing::warn!(peer = %origin, %error, "could not store the pairs for reuse after a restart");
+                None
             }
         }
     }
@@ -171,10 +257,8 @@ impl PairPool {
             let snapshot =
                 PairSnapshot::new(pair.pair_id, client_id.clone(), Role::Outbound, pair.keys, self.window);
             let session = self.registry.insert(snapshot).await.map_err(|error| {
-                RelayError::relay(
-                    RelayCode::StoreUnavailable,
-                    format!("could not store the new pair: {error}"),
-                )
+                tracing::error!(peer = %origin, %error, "could not store a new pair");
+                RelayError::StoreUnavailable { reason: format!("could not store the new pair: {error}") }
             })?;
             sessions.push(session);
         }
@@ -201,6 +285,11 @@ impl PeerPairs {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, PoolState> {
         self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+fn store_unavailable(error: StoreError) -> RelayError {
+    tracing::error!(%error, "state store lookup of stored pairs failed");
+    RelayError::StoreUnavailable { reason: error.to_string() }
 }
 
 /// Asks the peer for a new client id with `HEAD /api/mte-relay`.

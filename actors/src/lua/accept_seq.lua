@@ -1,0 +1,84 @@
+-- Checks one sequence number of relay B against a pair's replay window and marks it, in one
+-- atomic step, so two relay B processes can never both accept the same number.
+--
+-- The window is the highest accepted number (field `highest` of the pair record) plus a bitmap
+-- of `size` bits used as a ring: bit `seq % size` stands for `seq`. A number above `highest`
+-- moves the window forward and clears the bits of the numbers it skipped. A number at or below
+-- `highest` is accepted if it is less than `size` below it and its bit is clear. This matches
+-- the in-memory ReplayWindow of the protocol crate.
+--
+-- If the bitmap is missing while `highest` is set (evicted under memory pressure), nothing is
+-- known any more about the numbers up to `highest`. The field `floor` then records `highest`,
+-- and every number up to `floor` is rejected as stale from then on.
+--
+-- Lua numbers are doubles: the caller rejects numbers above 2^53 before calling.
+--
+-- KEYS[1]  the pair record (a hash)
+-- KEYS[2]  the pair's replay bitmap (a string)
+-- ARGV[1]  seq, at least 1
+-- ARGV[2]  window size in bits, a multiple of 8
+-- ARGV[3]  time to live in milliseconds, set on both keys
+--
+-- Returns 1 accepted, 0 replayed, -1 stale, -2 no such pair.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -2
+end
+local seq = tonumber(ARGV[1])
+local size = tonumber(ARGV[2])
+local fields = redis.call('HMGET', KEYS[1], 'highest', 'floor')
+local highest = tonumber(fields[1] or '0')
+local floor = tonumber(fields[2] or '0')
+
+if highest > floor and redis.call('EXISTS', KEYS[2]) == 0 then
+  floor = highest
+  redis.call('HSET', KEYS[1], 'floor', floor)
+end
+
+-- Clears `count` ring positions, starting at the one of number `first`: single bits up to a
+-- byte boundary, then whole bytes with one SETRANGE, then single bits again.
+local function clear(first, count)
+  while count > 0 do
+    local position = first % size
+    local stop = position + math.min(count, size - position)
+    local bit = position
+    while bit < stop and bit % 8 ~= 0 do
+      redis.call('SETBIT', KEYS[2], bit, 0)
+      bit = bit + 1
+    end
+    local bytes = math.floor((stop - bit) / 8)
+    if bytes > 0 then
+      redis.call('SETRANGE', KEYS[2], bit / 8, string.rep('\0', bytes))
+      bit = bit + bytes * 8
+    end
+    while bit < stop do
+      redis.call('SETBIT', KEYS[2], bit, 0)
+      bit = bit + 1
+    end
+    count = count - (stop - position)
+    first = first + (stop - position)
+  end
+end
+
+local result
+if seq <= floor then
+  result = -1
+elseif seq > highest then
+  if seq - highest >= size then
+    redis.call('DEL', KEYS[2])
+  else
+    clear(highest + 1, seq - highest - 1)
+  end
+  redis.call('SETBIT', KEYS[2], seq % size, 1)
+  redis.call('HSET', KEYS[1], 'highest', ARGV[1])
+  result = 1
+elseif highest - seq >= size then
+  result = -1
+elseif redis.call('GETBIT', KEYS[2], seq % size) == 1 then
+  result = 0
+else
+  redis.call('SETBIT', KEYS[2], seq % size, 1)
+  result = 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return result
