@@ -58,8 +58,10 @@ fn run_relay(args: &[String]) -> ExitCode {
     server::log_startup(&config);
     let result = actix_web::rt::System::new().block_on(async move {
         let running = server::start(config)?;
+        // Installs the signal handlers before the listening record announces the relay.
+        let drain = server::drain_on_signal(running.server.handle(), running.state.clone());
         tracing::info!(address = %format!("http://{}", running.address), "listening at http://{}", running.address);
-        actix_web::rt::spawn(server::drain_on_signal(running.server.handle(), running.state.clone()));
+        actix_web::rt::spawn(drain);
         running.server.await?;
         tracing::info!("stopped");
         anyhow::Ok(())

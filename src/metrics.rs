@@ -124,7 +124,44 @@ impl RelayMetrics {
             registry,
         };
         metrics.register_all()?;
+        metrics.initialize_known_series();
         Ok(metrics)
+    }
+
+    /// Creates every series whose label values are known in advance at 0, so each family is
+    /// exported from start-up. Without this, a dashboard query for a family that has not moved
+    /// yet returns no data, and `rate` or `increase` misses the first event of a series.
+    fn initialize_known_series(&self) {
+        let roles = [Role::Outbound, Role::Inbound, Role::Local];
+        for role in roles {
+            self.request_duration.with_label_values(&[role.as_str()]);
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                self.requests.with_label_values(&[role.as_str(), class]);
+            }
+        }
+        self.upstream_duration.with_label_values::<&str>(&[]);
+        for role in [Role::Outbound, Role::Inbound] {
+            self.body_bytes(role, BodyDirection::Request);
+            self.body_bytes(role, BodyDirection::Response);
+        }
+        for (code, _) in RelayCode::ALL {
+            self.relay_errors.with_label_values(&[code.name()]);
+        }
+        // The codes after which relay A drops its pairs and retries (see outbound::relay_exchange).
+        for code in [RelayCode::StateNotFound, RelayCode::PairExpired, RelayCode::InvalidClientId] {
+            self.retries.with_label_values(&[code.name()]);
+            self.repairs.with_label_values(&[code.name()]);
+        }
+        for side in ["outbound", "inbound"] {
+            for result in ["started", "succeeded", "failed"] {
+                self.pairings.with_label_values(&[side, result]);
+            }
+        }
+        for operation in ["find_pair", "save_pair"] {
+            for result in ["ok", "failed"] {
+                self.store_operations.with_label_values(&[operation, result]);
+            }
+        }
     }
 
     fn register_all(&self) -> prometheus::Result<()> {
@@ -253,5 +290,26 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains("relay_active_sessions 3"), "{text}");
+    }
+
+    #[test]
+    fn fresh_metrics_export_every_family_at_zero() {
+        let metrics = RelayMetrics::new(Registry::new()).unwrap();
+        let text = metrics.render(0);
+        for family in [
+            REQUESTS_TOTAL,
+            REQUEST_DURATION_SECONDS,
+            UPSTREAM_DURATION_SECONDS,
+            BODY_BYTES_TOTAL,
+            RELAY_ERRORS_TOTAL,
+            RETRIES_TOTAL,
+            REPAIRS_TOTAL,
+            PAIRINGS_TOTAL,
+            STORE_OPERATIONS_TOTAL,
+        ] {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing from:\n{text}");
+        }
+        assert!(text.contains("relay_retries_total{reason=\"state_not_found\"} 0"), "{text}");
+        assert!(text.contains("relay_upstream_duration_seconds_count 0"), "{text}");
     }
 }
