@@ -25,6 +25,9 @@ pub const ACTIVE_SESSIONS: &str = "relay_active_sessions";
 pub const REPLAYS_REJECTED_TOTAL: &str = "relay_replays_rejected_total";
 pub const TAMPERED_TOTAL: &str = "relay_tampered_total";
 pub const STORE_OPERATIONS_TOTAL: &str = "relay_store_operations_total";
+pub const STORE_REACHABLE: &str = "relay_store_reachable";
+pub const STORE_RECOVERIES_TOTAL: &str = "relay_store_recoveries_total";
+pub const STORE_GIVE_UPS_TOTAL: &str = "relay_store_give_ups_total";
 
 /// Latency buckets in seconds, from a local exchange (about 100 µs) to the default timeout.
 const LATENCY_BUCKETS: [f64; 14] =
@@ -52,6 +55,11 @@ pub struct RelayMetrics {
     replays_rejected: IntCounter,
     tampered: IntCounter,
     store_operations: IntCounterVec,
+    store_reachable: IntGauge,
+    store_recoveries: IntCounter,
+    store_give_ups: IntCounter,
+    /// Supervisor counts already added to the two counters above.
+    store_seen: std::sync::Mutex<(u64, u64)>,
 }
 
 impl RelayMetrics {
@@ -121,6 +129,19 @@ impl RelayMetrics {
                 "State store operations by operation and result (ok, failed).",
                 &["operation", "result"],
             )?,
+            store_reachable: IntGauge::new(
+                STORE_REACHABLE,
+                "1 while the state store responds, 0 while it does not.",
+            )?,
+            store_recoveries: IntCounter::new(
+                STORE_RECOVERIES_TOTAL,
+                "Times the state store responded again after failed health probes.",
+            )?,
+            store_give_ups: IntCounter::new(
+                STORE_GIVE_UPS_TOTAL,
+                "Times the state store supervisor gave up reconnecting and was restarted.",
+            )?,
+            store_seen: std::sync::Mutex::new((0, 0)),
             registry,
         };
         metrics.register_all()?;
@@ -178,6 +199,9 @@ impl RelayMetrics {
         registry.register(Box::new(self.replays_rejected.clone()))?;
         registry.register(Box::new(self.tampered.clone()))?;
         registry.register(Box::new(self.store_operations.clone()))?;
+        registry.register(Box::new(self.store_reachable.clone()))?;
+        registry.register(Box::new(self.store_recoveries.clone()))?;
+        registry.register(Box::new(self.store_give_ups.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
     }
 
@@ -242,6 +266,21 @@ impl RelayMetrics {
 
     pub fn store_operation(&self, operation: &str, ok: bool) {
         self.store_operations.with_label_values(&[operation, if ok { "ok" } else { "failed" }]).inc();
+    }
+
+    /// Copies the state store supervisor's health into the store metrics. A store without a
+    /// supervisor (the in-memory store) is always reachable.
+    pub fn observe_store(&self, health: Option<&api_relay_actors::StoreHealth>) {
+        let Some(health) = health else {
+            self.store_reachable.set(1);
+            return;
+        };
+        self.store_reachable.set(i64::from(health.is_reachable()));
+        let mut seen = self.store_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (recoveries, give_ups) = (health.recoveries(), health.give_ups());
+        self.store_recoveries.inc_by(recoveries.saturating_sub(seen.0));
+        self.store_give_ups.inc_by(give_ups.saturating_sub(seen.1));
+        *seen = (recoveries.max(seen.0), give_ups.max(seen.1));
     }
 
     /// Renders the registry in the Prometheus text format.

@@ -53,9 +53,10 @@ async fn readyz(state: web::Data<RelayState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<RelayState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(state.registry.len()))
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body({
+        state.metrics.observe_store(state.registry.store().health().as_deref());
+        state.metrics.render(state.registry.len())
+    })
 }
 
 async fn missing_relay_header(
