@@ -20,6 +20,8 @@
 //! atomic replay check of every `seq`.
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod redis_store;
 pub mod registry;
 pub mod sealing;

@@ -51,6 +51,10 @@ const RECORD_VERSION: &str = "1";
 /// Largest `seq` the replay script handles exactly: Lua numbers are IEEE doubles. At one
 /// million exchanges a second a pair would need 285 years to get there.
 const MAX_SCRIPT_SEQ: u64 = 1 << 53;
+/// Largest replay window a stored record may name (16 Mi sequence numbers, a 2 MiB bitmap), so
+/// a corrupt record cannot make the reader allocate without limit.
+/// The relay's configuration rejects a larger `REPLAY_WINDOW`.
+const MAX_STORED_WINDOW: u64 = 1 << 24;
 
 /// Settings of a Redis store.
 #[derive(Clone)]
@@ -243,47 +247,58 @@ impl RedisStore {
             )),
         })
     }
+}
 
-    fn read_record(
-        &self,
-        pair_id: &PairId,
-        role: Role,
-        fields: &HashMap<String, Vec<u8>>,
-    ) -> Result<PairSnapshot, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt { pair: pair_id.short(), reason };
-        let text = |name: &str| {
-            let value = fields.get(name).ok_or_else(|| corrupt(format!("field {name} missing")))?;
-            std::str::from_utf8(value).map_err(|_| corrupt(format!("field {name} is not text")))
-        };
-        let number = |name: &str| -> Result<u64, StoreError> {
-            match fields.get(name) {
-                None => Ok(0),
-                Some(_) => text(name)?.parse().map_err(|_| corrupt(format!("field {name} is not a number"))),
-            }
-        };
-        let version = text("version")?;
-        if version != RECORD_VERSION {
-            return Err(corrupt(format!("record version {version:?}, expected {RECORD_VERSION}")));
+/// Reads a pair record as `HGETALL` returns it and opens its sealed keys.
+///
+/// # Errors
+/// `Corrupt` when a field is missing, malformed or out of range, or the keys do not open.
+pub fn read_record(
+    sealer: &RecordSealer,
+    pair_id: &PairId,
+    role: Role,
+    fields: &HashMap<String, Vec<u8>>,
+) -> Result<PairSnapshot, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { pair: pair_id.short(), reason };
+    let text = |name: &str| {
+        let value = fields.get(name).ok_or_else(|| corrupt(format!("field {name} missing")))?;
+        std::str::from_utf8(value).map_err(|_| corrupt(format!("field {name} is not text")))
+    };
+    let number = |name: &str| -> Result<u64, StoreError> {
+        match fields.get(name) {
+            None => Ok(0),
+            Some(_) => text(name)?.parse().map_err(|_| corrupt(format!("field {name} is not a number"))),
         }
-        let client_id = ClientId::parse(text("client")?).map_err(|_| corrupt("invalid client id".into()))?;
-        let created_at = text("created")?.parse().map_err(|_| corrupt("invalid creation time".into()))?;
-        let sealed = fields.get("keys").ok_or_else(|| corrupt("field keys missing".into()))?;
-        let binding = RecordBinding { pair_id, role, created_at, client_id: &client_id };
-        let keys = self.sealer.open(sealed, &binding).map_err(|error| corrupt(error.to_string()))?;
-        let window = match role {
-            Role::Inbound => Some(ReplayWindow::new(number("window")?)),
-            Role::Outbound => None,
-        };
-        Ok(PairSnapshot {
-            pair_id: *pair_id,
-            client_id,
-            role,
-            keys: Arc::new(keys),
-            created_at,
-            next_seq: number("reserved")? + 1,
-            window,
-        })
+    };
+
+    let version = text("version")?;
+    if version != RECORD_VERSION {
+        return Err(corrupt(format!("record version {version:?}, expected {RECORD_VERSION}")));
     }
+    let client_id = ClientId::parse(text("client")?).map_err(|_| corrupt("invalid client id".into()))?;
+    let created_at = text("created")?.parse().map_err(|_| corrupt("invalid creation time".into()))?;
+    let sealed = fields.get("keys").ok_or_else(|| corrupt("field keys missing".into()))?;
+    let binding = RecordBinding { pair_id, role, created_at, client_id: &client_id };
+    let keys = sealer.open(sealed, &binding).map_err(|error| corrupt(error.to_string()))?;
+
+    let window = match role {
+        Role::Inbound => match number("window")? {
+            size @ 0..=MAX_STORED_WINDOW => Some(ReplayWindow::new(size)),
+            size => return Err(corrupt(format!("window {size} is larger than {MAX_STORED_WINDOW}"))),
+        },
+        Role::Outbound => None,
+    };
+    let next_seq =
+        number("reserved")?.checked_add(1).ok_or_else(|| corrupt("field reserved is u64::MAX".into()))?;
+    Ok(PairSnapshot {
+        pair_id: *pair_id,
+        client_id,
+        role,
+        keys: Arc::new(keys),
+        created_at,
+        next_seq,
+        window,
+    })
 }
 
 fn failed(operation: &str, error: &RedisError) -> StoreError {
@@ -356,7 +371,7 @@ impl StateStore for RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        self.read_record(pair_id, role, &fields).map(Some)
+        read_record(&self.sealer, pair_id, role, &fields).map(Some)
     }
 
     async fn remove_pair(&self, pair_id: &PairId, role: Role) -> Result<(), StoreError> {

@@ -22,6 +22,8 @@
 
 pub mod error;
 pub mod fields;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod padding;

@@ -123,6 +123,26 @@ impl PairingInitiator {
         Self { offers }
     }
 
+    /// An initiator whose key pairs, pair ids and nonces depend only on `seed`, so the fuzz
+    /// targets in [`crate::fuzzing`] can complete responses stored in their seed corpora. Pairing
+    /// with it gives no secrecy, because anyone can derive its private keys.
+    pub(crate) fn from_seed(seed: u8, count: u8) -> Self {
+        let offers = (0..count)
+            .map(|index| {
+                let (private_key, public_key) = HybridKem::derive_keypair(&[seed, index].repeat(16));
+                let mut pair_id = [index; 16];
+                pair_id[0] = seed;
+                Offer {
+                    pair_id: PairId::from_bytes(pair_id),
+                    nonce: [seed; NONCE_LEN],
+                    private_key,
+                    public_key,
+                }
+            })
+            .collect();
+        Self { offers }
+    }
+
     /// The request body to send.
     pub fn request(&self, client_id: Option<&ClientId>) -> PairingRequest {
         let pairs = self

@@ -298,6 +298,39 @@ mod tests {
     }
 
     #[test]
+    fn record_item_index_stops_below_u32_max() {
+        // Item u32::MAX is never used, so the last record of a stream is item u32::MAX - 1.
+        let mut sealer = sealer();
+        sealer.next_item = u32::MAX - 1;
+        let last = sealer.seal(b"last", false).unwrap();
+        assert_eq!(
+            sealer.seal(b"", true).unwrap_err(),
+            ProtocolError::CounterExhausted { counter: "body records" }
+        );
+
+        let mut opener = opener();
+        opener.next_item = u32::MAX - 1;
+        opener.push(&last);
+        assert_eq!(opener.next_record().unwrap().unwrap(), b"last");
+        opener.push(&last);
+        assert_eq!(
+            opener.next_record().unwrap_err(),
+            ProtocolError::CounterExhausted { counter: "body records" }
+        );
+    }
+
+    #[test]
+    fn record_opens_only_at_its_index() {
+        let mut sealer = sealer();
+        sealer.next_item = u32::MAX - 1;
+        let last = sealer.seal(b"x", true).unwrap();
+        let mut opener = opener();
+        opener.next_item = u32::MAX - 2;
+        opener.push(&last);
+        assert_eq!(opener.next_record().unwrap_err(), ProtocolError::OpenFailed { item: "body record" });
+    }
+
+    #[test]
     fn sealing_after_final_record_fails() {
         let mut sealer = sealer();
         sealer.seal(b"", true).unwrap();
