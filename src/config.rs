@@ -322,7 +322,7 @@ impl Config {
                 DEFAULT_UPSTREAM_TIMEOUT_SECS,
             )),
             pair_pool_size: reader.positive("PAIR_POOL_SIZE", "pairPoolSize", DEFAULT_PAIR_POOL_SIZE),
-            replay_window: reader.positive("REPLAY_WINDOW", "replayWindow", DEFAULT_REPLAY_WINDOW),
+            replay_window: bounded_window(reader),
             retry_buffer_bytes: reader.parsed(
                 "RETRY_BUFFER_BYTES",
                 "retryBufferBytes",
@@ -388,6 +388,19 @@ impl Config {
         }
         warnings
     }
+}
+
+/// Largest `REPLAY_WINDOW`: 2^24 sequence numbers (a 2 MiB bitmap per pair). A state store reads
+/// back larger windows as corrupt records.
+pub const MAX_REPLAY_WINDOW: u64 = 1 << 24;
+
+fn bounded_window(reader: &mut Reader<'_>) -> u64 {
+    let window = reader.positive("REPLAY_WINDOW", "replayWindow", DEFAULT_REPLAY_WINDOW);
+    if window > MAX_REPLAY_WINDOW {
+        reader.problem("REPLAY_WINDOW", "replayWindow", format!("must be at most {MAX_REPLAY_WINDOW}"));
+        return DEFAULT_REPLAY_WINDOW;
+    }
+    window
 }
 
 fn secs(value: u64) -> Duration {
