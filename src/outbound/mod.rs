@@ -90,7 +90,7 @@ async fn relay_exchange(
         let Some(source) = body.source(sent) else { break };
         let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
         sent += 1;
-        let response = exchange::send(&clients.peer, origin, &sealed, source, options, state).await?;
+        let response = send_with_resends(origin, &sealed, source, options, body, state, clients).await?;
         let status = response.status().as_u16();
         let retryable = body.is_replayable() && sent == 1;
         match RelayCode::from_status(status) {
@@ -120,6 +120,39 @@ async fn relay_exchange(
         }
     }
     Err(RelayError::BadGateway { hop: "peer relay", reason: "no usable pair after pairing again".into() })
+}
+
+/// Most times one sealed exchange is sent when the peer cannot be reached: a pooled connection
+/// that the peer closed, for example while it restarted, fails before any answer arrives.
+const MAX_SEND_ATTEMPTS: usize = 3;
+
+/// Sends one sealed exchange and, while the peer is unreachable and the body is buffered,
+/// sends the same bytes again on another connection.
+///
+/// Resending is safe because it repeats the same `seq`: relay B's replay window accepts each
+/// `seq` once, so a copy that already reached relay B gets 563 instead of reaching the upstream
+/// a second time. The copy is byte for byte the same (same keys, nonces, records and zero
+/// padding), so it reveals nothing the first copy did not.
+async fn send_with_resends(
+    origin: &PeerOrigin,
+    sealed: &SealedRequest,
+    first: Source,
+    options: &ExchangeOptions,
+    body: &mut OutboundBody,
+    state: &RelayState,
+    clients: &crate::client::HopClients,
+) -> Result<awc::ClientResponse, RelayError> {
+    let mut result = exchange::send(&clients.peer, origin, sealed, first, options, state).await;
+    for attempt in 2..=MAX_SEND_ATTEMPTS {
+        if !matches!(result, Err(RelayError::Unreachable { .. })) || !body.is_replayable() {
+            break;
+        }
+        let Some(source) = body.source(0) else { break };
+        let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
+        tracing::warn!(peer = %origin, attempt, "peer relay unreachable; sending the same exchange again");
+        result = exchange::send(&clients.peer, origin, sealed, source, options, state).await;
+    }
+    result
 }
 
 /// The application never sees a relay status (559-569): a relay-layer failure on the hop, such

@@ -41,9 +41,10 @@ impl PeerOrigin {
         }
         let host = url.host_str().ok_or_else(|| bad("a host is required"))?.to_owned();
         let port = url.port_or_known_default().ok_or_else(|| bad("a port is required"))?;
+        check_canonical(text.trim(), url.scheme(), &host, port).map_err(|reason| bad(&reason))?;
         let prefix = url.path().trim_end_matches('/');
-        let authority = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-        let base = format!("{}://{authority}:{port}{prefix}", url.scheme());
+        // `host_str` already puts an IPv6 address in brackets.
+        let base = format!("{}://{host}:{port}{prefix}", url.scheme());
         Ok(Self { base, scheme: url.scheme().to_owned(), host, port })
     }
 
@@ -72,6 +73,36 @@ impl fmt::Display for PeerOrigin {
     }
 }
 
+/// Checks that `text` spells its origin exactly as the URL standard serialises it. That means a
+/// lowercase scheme and host, IPv4 as four decimal parts, IPv6 compressed, DNS names in ASCII
+/// and no trailing dot. An optional decimal port without leading zeros and then the end or a
+/// `/` follow.
+///
+/// The allow-list compares the parsed host, and relay A connects to it, so a spelling such as
+/// `127.1` or `0x7f000001` would reach the same address as `127.0.0.1`. Rejecting every other
+/// spelling keeps what the caller wrote, what the allow-list compares and what relay A connects
+/// to identical, so no other parser can read the value differently.
+fn check_canonical(text: &str, scheme: &str, host: &str, port: u16) -> Result<(), String> {
+    let origin = format!("{scheme}://{host}:{port}");
+    let not_canonical = || format!("must be written in canonical form, for example {origin}");
+    if host.ends_with('.') {
+        return Err(format!("host {host:?} must not end with a dot"));
+    }
+    let rest = text.strip_prefix(&format!("{scheme}://{host}")).ok_or_else(not_canonical)?;
+    let (port_text, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, ""),
+    };
+    let port_ok = match port_text.strip_prefix(':') {
+        None => port_text.is_empty(),
+        Some(digits) => digits == port.to_string(),
+    };
+    if !port_ok || path.contains('\\') {
+        return Err(not_canonical());
+    }
+    Ok(())
+}
+
 /// Maps a client failure to the error the downstream sees: 504 for a timeout, 502 otherwise.
 pub fn send_error(error: SendRequestError, hop: &'static str, timeout: Duration) -> RelayError {
     match error {
@@ -96,6 +127,43 @@ mod tests {
     #[test]
     fn invalid_origins_are_rejected() {
         for text in ["", "relay-b", "ftp://relay-b", "http://user:pw@relay-b", "http://relay-b/?q=1"] {
+            assert!(PeerOrigin::parse(text).is_err(), "accepted {text:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_origins_are_accepted() {
+        for (text, url) in [
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8081/api/mte-pair"),
+            ("http://127.0.0.1:80/", "http://127.0.0.1:80/api/mte-pair"),
+            ("https://relay-b.example.com/relay", "https://relay-b.example.com:443/relay/api/mte-pair"),
+            ("http://[::1]:8081", "http://[::1]:8081/api/mte-pair"),
+            ("http://[2001:db8::7]", "http://[2001:db8::7]:80/api/mte-pair"),
+        ] {
+            let origin = PeerOrigin::parse(text).unwrap_or_else(|error| panic!("{text:?}: {error}"));
+            assert_eq!(origin.url("/api/mte-pair"), url, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn other_spellings_of_an_origin_are_rejected() {
+        for text in [
+            "http://127.1:8081",
+            "http://2130706433:8081",
+            "http://0x7f000001:8081",
+            "http://0177.0.0.1:8081",
+            "http://127.000.000.001:8081",
+            "http://[::ffff:127.0.0.1]:8081",
+            "http://[0:0:0:0:0:0:0:1]:8081",
+            "http://localhost.:8081",
+            "HTTP://127.0.0.1:8081",
+            "http://LocalHost:8081",
+            "http://127.0.0.1:08081",
+            "http://127.0.0.1:8081\\@127.0.0.2:8082",
+            "http:\\\\127.0.0.1:8081",
+            "http:127.0.0.1:8081",
+            "http://b\u{fc}cher.example",
+        ] {
             assert!(PeerOrigin::parse(text).is_err(), "accepted {text:?}");
         }
     }

@@ -64,11 +64,27 @@ impl RelayPair {
         self.respawn_b();
     }
 
+    /// Stops B like [`RelayPair::restart_b`] and starts it again on the same port with the
+    /// environment that `change` makes from the old one, for example a rotated secret.
+    pub fn restart_b_with(&mut self, change: impl FnOnce(RelayBuilder) -> RelayBuilder) {
+        self.b.terminate();
+        if self.b.wait_exit(GRACEFUL_STOP_TIMEOUT).is_none() {
+            self.b.kill();
+        }
+        let builder = change(self.b.builder().clone());
+        self.spawn_b(builder);
+    }
+
     /// Starts B again on the same port with the same environment. A B that is still
     /// running is killed first. Use it after stopping B in a specific way.
     pub fn respawn_b(&mut self) {
         self.b.kill();
         let builder = self.b.builder().clone();
+        self.spawn_b(builder);
+    }
+
+    /// Starts `builder` as the new B, retrying while the old socket still occupies the port.
+    fn spawn_b(&mut self, builder: RelayBuilder) {
         let mut last_error = String::new();
         for _ in 0..RESTART_ATTEMPTS {
             match builder.try_spawn() {
