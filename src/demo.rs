@@ -29,7 +29,7 @@ const DEMO_CLIENT_ID_SECRET: &str = "demo-client-id-secret-0123456789abcdef";
 /// When a server cannot start or the first request fails.
 pub fn run() -> anyhow::Result<()> {
     // Warnings only, so the demo's own output stays readable.
-    crate::telemetry::init_at(crate::config::LogFormat::Pretty, "warn");
+    let _log_guard = crate::telemetry::init_at(crate::config::LogFormat::Pretty, "warn");
     actix_web::rt::System::new().block_on(async {
         let (upstream_server, upstream) = start_upstream(([127, 0, 0, 1], 0).into())?;
         actix_web::rt::spawn(upstream_server);

@@ -54,7 +54,7 @@ fn run_relay(args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(config.log_format, config.debug);
+    let _log_guard = telemetry::init(config.log_format, config.debug);
     server::log_startup(&config);
     let result = actix_web::rt::System::new().block_on(async move {
         let running = server::start(config)?;

@@ -12,26 +12,36 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{Error, HttpMessage};
 use tracing::Span;
 use tracing_actix_web::{RequestId, RootSpanBuilder};
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 use crate::server::{RelayState, Role};
 
-/// Installs the global subscriber.
-pub fn init(format: LogFormat, debug: bool) {
-    init_at(format, if debug { "debug" } else { "info" });
+/// Installs the global subscriber. Keep the returned guard until the process ends: dropping it
+/// flushes the records still queued.
+pub fn init(format: LogFormat, debug: bool) -> WorkerGuard {
+    init_at(format, if debug { "debug" } else { "info" })
 }
 
 /// Installs the global subscriber with `level` (`error`, `warn`, `info` or `debug`) as the floor.
-pub fn init_at(format: LogFormat, level: &str) {
+///
+/// Records go to stdout from a dedicated writer thread, so request handlers never wait for a
+/// write to stdout. The queue blocks instead of dropping records when the writer falls behind.
+pub fn init_at(format: LogFormat, level: &str) -> WorkerGuard {
     let filter =
         EnvFilter::new(format!("{level},actix_server=warn,actix_http=warn,awc=warn,h2=warn,rustls=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("api-relay-log")
+        .finish(std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     // A second init (tests or the demo starting twice) keeps the first subscriber.
     let _ = match format {
         LogFormat::Json => builder.json().with_current_span(false).with_span_list(false).try_init(),
         LogFormat::Pretty => builder.pretty().try_init(),
     };
+    guard
 }
 
 /// Start time of a request, kept in its extensions.
