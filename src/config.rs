@@ -193,10 +193,13 @@ fn yaml_value_text(value: serde_json::Value) -> String {
 struct Reader<'a> {
     sources: &'a Sources,
     problems: Vec<String>,
+    /// YAML keys looked up, so keys nobody reads (typos) can be reported.
+    keys_read: std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
 impl Reader<'_> {
     fn raw(&self, env: &str, key: &str) -> Option<String> {
+        self.keys_read.borrow_mut().insert(key.to_owned());
         let value = self.sources.env.get(env).or_else(|| self.sources.file.get(key))?;
         let value = value.trim();
         (!value.is_empty()).then(|| value.to_owned())
@@ -257,8 +260,16 @@ impl Config {
     /// # Errors
     /// `ConfigError` listing every problem, each as `VARIABLE (yamlKey): message`.
     pub fn from_sources(sources: &Sources) -> Result<Self, ConfigError> {
-        let mut reader = Reader { sources, problems: Vec::new() };
+        let mut reader = Reader { sources, problems: Vec::new(), keys_read: Default::default() };
         let config = Self::read(&mut reader);
+        let mut unknown: Vec<&String> =
+            sources.file.keys().filter(|key| !reader.keys_read.borrow().contains(key.as_str())).collect();
+        unknown.sort();
+        for key in unknown {
+            reader.problems.push(format!(
+                "--config file: unknown key {key:?}; check its spelling against the keys in docs/configuration.md"
+            ));
+        }
         match (config, reader.problems.is_empty()) {
             (Some(config), true) => Ok(config),
             _ => Err(ConfigError { problems: reader.problems }),
@@ -554,6 +565,18 @@ mod tests {
         ] {
             assert!(text.contains(expected), "expected {expected:?} in {text:?}");
         }
+    }
+
+    #[test]
+    fn unknown_file_key_is_reported() {
+        let file = [
+            ("upstream", "http://file:1"),
+            ("clientIdSecret", "f"),
+            ("outboundToken", "f"),
+            ("prot", "9000"),
+        ];
+        let text = Config::from_sources(&sources(&[], &file)).unwrap_err().to_string();
+        assert!(text.contains("unknown key \"prot\""), "{text}");
     }
 
     #[test]

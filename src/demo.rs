@@ -47,10 +47,20 @@ pub fn run() -> anyhow::Result<()> {
         first_exchange(a, b).await?;
         println!();
         print_curl(a, b);
-        actix_web::rt::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        wait_for_stop().await?;
         handle.stop(true).await;
         anyhow::Ok(())
     })
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM.
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = actix_web::rt::signal::ctrl_c() => result.context("waiting for Ctrl-C"),
+        _ = terminate.recv() => Ok(()),
+    }
 }
 
 fn demo_config(upstream: SocketAddr) -> anyhow::Result<Config> {
@@ -94,7 +104,7 @@ async fn last_received() -> anyhow::Result<Value> {
 
 fn print_curl(a: SocketAddr, b: SocketAddr) {
     let common = format!("-H 'x-mte-outbound-token: {DEMO_OUTBOUND_TOKEN}' -H 'x-mte-upstream: http://{b}'");
-    println!("try more (Ctrl-C stops the demo):");
+    println!("try more (Ctrl-C or SIGTERM stops the demo):");
     println!(
         "  curl -s {common} -H 'content-type: application/json' -d '{{\"name\":\"pen\"}}' http://{a}/api/items"
     );

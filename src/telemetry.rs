@@ -5,6 +5,7 @@
 //! request ends: method, route template, status, latency, role and request id. It records no
 //! URL, header value or body, so nothing sealed ever reaches a log.
 
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -39,7 +40,7 @@ pub fn init_at(format: LogFormat, level: &str) -> WorkerGuard {
     // A second init (tests or the demo starting twice) keeps the first subscriber.
     let _ = match format {
         LogFormat::Json => builder.json().with_current_span(false).with_span_list(false).try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
+        LogFormat::Pretty => builder.pretty().with_ansi(std::io::stdout().is_terminal()).try_init(),
     };
     guard
 }
@@ -97,7 +98,7 @@ impl RootSpanBuilder for RequestLog {
             method = %request.method(),
             route = %route,
             status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             role = role.as_str(),
             request_id = %request_id,
             peer = exchange.peer.as_deref().unwrap_or(""),
