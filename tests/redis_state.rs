@@ -165,7 +165,7 @@ async fn balanced_inbound_relays_deliver_each_exchange_once() {
     let a = with_redis(relay_builder(&upstream.url()), &redis).spawn();
     let client = client();
 
-    let ids: Vec<String> = (0..200).map(|index| format!("parallel-{index}")).collect();
+    let ids: Vec<String> = (0..500).map(|index| format!("parallel-{index}")).collect();
     let (relay_a, peer) = (a.url(), balancer.url());
     let sends = ids.iter().map(|id| send(&client, &relay_a, &peer, id));
     let results = join_all(sends).await;
@@ -301,6 +301,47 @@ async fn restarted_outbound_relay_reuses_stored_pairs() {
         "restarted relay A paired again:\n{}",
         restarted.output_report()
     );
+    assert_eq!(log_count(&b, B_PAIRED), 1, "relay B answered a second pairing:\n{}", b.output_report());
+}
+
+#[tokio::test]
+async fn two_outbound_relays_never_reuse_a_seq() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let b = with_redis(relay_builder(&upstream.url()), &redis).spawn();
+    let recorder = TcpRecorder::start(&b.url());
+    let a1 = with_redis(relay_builder(&upstream.url()), &redis).spawn();
+    let a2 = with_redis(relay_builder(&upstream.url()), &redis).spawn();
+    let client = client();
+
+    // The first request pairs and stores the pool; both relays then draw seq from it at once.
+    let (status, body) = send(&client, &a1.url(), &recorder.url(), "first").await.unwrap();
+    assert_echo("first", status, &body);
+    let ids: Vec<String> = (0..300).map(|index| format!("shared-{index}")).collect();
+    let sends = ids.iter().enumerate().map(|(index, id)| {
+        let relay = if index % 2 == 0 { a1.url() } else { a2.url() };
+        let (client, peer) = (client.clone(), recorder.url());
+        async move { (id, send(&client, &relay, &peer, id).await) }
+    });
+    for (id, result) in join_all(sends).await {
+        let (status, body) = result.unwrap_or_else(|error| panic!("{error}"));
+        assert_echo(id, status, &body);
+    }
+
+    upstream.wait_for_requests(ids.len() + 1, RECORD_WAIT);
+    let exchanges = recorded_exchanges(&recorder);
+    assert_eq!(exchanges.len(), ids.len() + 1, "relay B received an unexpected number of exchanges");
+    let mut nonces = std::collections::HashSet::new();
+    let mut pairs = std::collections::HashSet::new();
+    for exchange in &exchanges {
+        let header =
+            String::from_utf8_lossy(exchange.header("x-mte-relay").expect("x-mte-relay header")).into_owned();
+        let fields: Vec<&str> = header.split(',').collect();
+        let (pair, seq) = (fields[1].to_owned(), fields[6].to_owned());
+        assert!(nonces.insert((pair.clone(), seq.clone())), "pair {pair} used seq {seq} twice");
+        pairs.insert(pair);
+    }
+    assert!(pairs.len() <= 4, "the two relays did not share one pool of pairs: {pairs:?}");
     assert_eq!(log_count(&b, B_PAIRED), 1, "relay B answered a second pairing:\n{}", b.output_report());
 }
 
