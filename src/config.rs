@@ -61,6 +61,17 @@ pub const DEFAULT_REDIS_POOL_SIZE: u32 = 16;
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
 /// Default first part of every Redis key, so several deployments can share one Redis.
 pub const DEFAULT_REDIS_KEY_PREFIX: &str = "api-relay";
+/// Default pairing requests relay B answers at once: each costs about 1 ms of CPU per pair, so
+/// a few at a time keep the workers free for exchanges.
+pub const DEFAULT_MAX_CONCURRENT_PAIRINGS: usize = 4;
+/// Default pairing requests per client id (or address) per minute: a relay A pairs once per
+/// pool and again only after a restart or an expiry, so 30 is far above normal use.
+pub const DEFAULT_PAIRING_REQUESTS_PER_MINUTE: u32 = 30;
+/// Default seconds a client has to send a complete request head; bounds slow-header
+/// (slowloris) connections.
+pub const DEFAULT_CLIENT_REQUEST_TIMEOUT_SECS: u64 = 10;
+/// Default maximum open connections per worker.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// `CLIENT_ID_SECRET` shorter than this many characters gets a start-up warning.
 pub const MIN_SECRET_CHARS: usize = 32;
 /// `PAIRING_PSK` must have at least this many characters (HPKE asks for 32 bytes of entropy).
@@ -126,6 +137,10 @@ pub struct Config {
     pub pair_max_age: Duration,
     pub pair_max_exchanges: u64,
     pub max_pairs_per_request: usize,
+    pub max_concurrent_pairings: usize,
+    pub pairing_requests_per_minute: u32,
+    pub client_request_timeout: Duration,
+    pub max_connections: usize,
     pub max_header_count: usize,
     pub max_header_bytes: usize,
     pub keep_alive: Duration,
@@ -360,6 +375,22 @@ impl Config {
                 "maxPairsPerRequest",
                 DEFAULT_MAX_PAIRS_PER_REQUEST,
             ),
+            max_concurrent_pairings: reader.positive(
+                "MAX_CONCURRENT_PAIRINGS",
+                "maxConcurrentPairings",
+                DEFAULT_MAX_CONCURRENT_PAIRINGS,
+            ),
+            pairing_requests_per_minute: reader.positive(
+                "PAIRING_REQUESTS_PER_MINUTE",
+                "pairingRequestsPerMinute",
+                DEFAULT_PAIRING_REQUESTS_PER_MINUTE,
+            ),
+            client_request_timeout: secs(reader.positive(
+                "CLIENT_REQUEST_TIMEOUT_SECS",
+                "clientRequestTimeoutSecs",
+                DEFAULT_CLIENT_REQUEST_TIMEOUT_SECS,
+            )),
+            max_connections: reader.positive("MAX_CONNECTIONS", "maxConnections", DEFAULT_MAX_CONNECTIONS),
             max_header_count: reader.positive("MAX_HEADER_COUNT", "maxHeaderCount", DEFAULT_MAX_HEADER_COUNT),
             max_header_bytes: reader.positive("MAX_HEADER_BYTES", "maxHeaderBytes", DEFAULT_MAX_HEADER_BYTES),
             keep_alive: secs(reader.positive("KEEP_ALIVE_SECS", "keepAliveSecs", DEFAULT_KEEP_ALIVE_SECS)),

@@ -56,6 +56,7 @@ pub struct RelayState {
     pub metrics: RelayMetrics,
     /// False until the listener is up, and again while draining.
     pub ready: AtomicBool,
+    pub pairing_limits: crate::inbound::limits::PairingLimits,
 }
 
 impl RelayState {
@@ -103,7 +104,19 @@ impl RelayState {
             config.client_id_secret_previous.as_ref().map(|secret| secret.expose().as_bytes()),
         );
         let metrics = RelayMetrics::new(registry).context("registering metrics")?;
-        Ok(Self { config, signer, registry: sessions, pool, metrics, ready: AtomicBool::new(false) })
+        let pairing_limits = crate::inbound::limits::PairingLimits::new(
+            config.max_concurrent_pairings,
+            config.pairing_requests_per_minute,
+        );
+        Ok(Self {
+            config,
+            signer,
+            registry: sessions,
+            pool,
+            metrics,
+            ready: AtomicBool::new(false),
+            pairing_limits,
+        })
     }
 
     /// Decoding limits for header blocks.
@@ -154,7 +167,8 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     })
     .workers(config.workers)
     .keep_alive(config.keep_alive)
-    .client_request_timeout(std::time::Duration::from_secs(10))
+    .client_request_timeout(config.client_request_timeout)
+    .max_connections(config.max_connections)
     .shutdown_timeout(config.shutdown_grace.as_secs())
     .disable_signals()
     .bind((config.bind_address, config.port))

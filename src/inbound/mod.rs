@@ -7,6 +7,7 @@
 //! A body of more than one record streams to the upstream as it opens; a record that fails
 //! later aborts the upstream request mid-body, so the upstream never sees a complete request.
 
+pub mod limits;
 pub mod pairing;
 mod proxy;
 pub mod upstream;

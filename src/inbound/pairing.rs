@@ -40,7 +40,8 @@ pub async fn pair(
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Inbound);
     state.metrics.pairing("inbound", "started");
-    let result = answer(&body, &state).await;
+    let client = request.peer_addr().map(|address| address.ip().to_string()).unwrap_or_default();
+    let result = answer(&body, &state, &client).await;
     match &result {
         Ok(_) => state.metrics.pairing("inbound", "succeeded"),
         Err(error) => {
@@ -54,13 +55,21 @@ pub async fn pair(
     result
 }
 
-async fn answer(body: &[u8], state: &RelayState) -> Result<HttpResponse, RelayError> {
+async fn answer(body: &[u8], state: &RelayState, address: &str) -> Result<HttpResponse, RelayError> {
     let pairing_request: PairingRequest = serde_json::from_slice(body).map_err(|_| {
         RelayError::relay(
             RelayCode::PairingRejected,
             "pairing request is not valid JSON of the expected shape",
         )
     })?;
+    // Requests without a client id are counted per address; the uuid part is the client.
+    let rate_key = pairing_request
+        .client_id
+        .as_deref()
+        .and_then(|text| text.split_once('.'))
+        .map_or(address, |(uuid, _)| uuid)
+        .to_owned();
+    let _slot = state.pairing_limits.admit(&rate_key)?;
     let client_id = match pairing_request.client_id.as_deref() {
         Some(text) => {
             let id = ClientId::parse(text)?;
