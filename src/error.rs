@@ -111,19 +111,19 @@ pub enum RelayError {
     /// A relay-layer failure on the hop between the relays.
     #[error("{message}")]
     Relay { code: RelayCode, message: String },
-    /// Outbound: the peer answered with a relay error that a retry did not fix.
+    /// Outbound: the peer returned a relay error that a retry did not fix.
     #[error("peer relay rejected the exchange with status {status}")]
     PeerRejected { status: u16 },
     /// The next hop (peer relay or upstream API) could not be reached.
     #[error("{hop} unreachable")]
     Unreachable { hop: &'static str },
-    /// The next hop did not answer within the configured time.
+    /// The next hop did not respond within the configured time.
     #[error("{hop} timed out after {secs} s")]
     Timeout { hop: &'static str, secs: u64 },
-    /// Relay B could not reach or timed out on its upstream API (502 or 504) and said so.
+    /// Relay B could not reach its upstream API or timed out on it, and returned 502 or 504.
     #[error("{message}")]
     PeerReported { status: u16, message: String },
-    /// The next hop's answer broke the protocol.
+    /// The next hop's response broke the protocol.
     #[error("invalid answer from {hop}: {reason}")]
     BadGateway { hop: &'static str, reason: String },
     /// Outbound: this relay's shared state store did not respond in time, so relay A could not

@@ -26,7 +26,7 @@ use crate::{PairSnapshot, Role};
 /// A state store failure. Messages never contain key material or store credentials.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    /// The store could not be reached or did not answer in time.
+    /// The store could not be reached or did not respond in time.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
     /// A stored snapshot could not be read back.

@@ -82,7 +82,7 @@ pub struct PlainParts {
     fields: Vec<Field>,
 }
 
-/// A request sealed for one attempt, plus what relay A needs to open the answer.
+/// A request sealed for one attempt, plus the cipher relay A needs to open the response.
 pub struct SealedRequest {
     relay_header: String,
     path: String,
@@ -191,10 +191,10 @@ pub async fn send(
     result.map_err(|error| send_error(error, "peer relay", state.config.upstream_timeout))
 }
 
-/// Opens the peer's sealed answer and turns it into the application's response.
+/// Opens the peer's sealed response and turns it into the application's response.
 ///
 /// # Errors
-/// 502 when the answer does not open: tampered, truncated or from the wrong keys.
+/// 502 when the response does not open: tampered, truncated or from the wrong keys.
 pub async fn open_response<S>(
     response: awc::ClientResponse<S>,
     sealed: &SealedRequest,
