@@ -88,7 +88,6 @@ async fn relay_exchange(
         telemetry::note(request, |fields| fields.pair = Some(exchange.pair_id.short()));
         tracing::debug!(pair = %exchange.pair_id.short(), seq = exchange.seq, encode_type = options.encode_type.as_str(), "outbound exchange sealed");
         let Some(source) = body.source(sent) else { break };
-        let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
         sent += 1;
         let response = send_with_resends(origin, &sealed, source, options, body, state, clients).await?;
         let status = response.status().as_u16();
@@ -122,12 +121,8 @@ async fn relay_exchange(
     Err(RelayError::BadGateway { hop: "peer relay", reason: "no usable pair after pairing again".into() })
 }
 
-/// Most times one sealed exchange is sent when the peer cannot be reached: a pooled connection
-/// that the peer closed, for example while it restarted, fails before any answer arrives.
-const MAX_SEND_ATTEMPTS: usize = 3;
-
-/// Sends one sealed exchange and, while the peer is unreachable and the body is buffered,
-/// sends the same bytes again on another connection.
+/// Sends one sealed exchange and, while the peer is unreachable and the body is held, sends the
+/// same bytes again on another connection.
 ///
 /// Resending is safe because it repeats the same `seq`: relay B's replay window accepts each
 /// `seq` once, so a copy that already reached relay B gets 563 instead of reaching the upstream
@@ -142,17 +137,17 @@ async fn send_with_resends(
     state: &RelayState,
     clients: &crate::client::HopClients,
 ) -> Result<awc::ClientResponse, RelayError> {
-    let mut result = exchange::send(&clients.peer, origin, sealed, first, options, state).await;
-    for attempt in 2..=MAX_SEND_ATTEMPTS {
-        if !matches!(result, Err(RelayError::Unreachable { .. })) || !body.is_replayable() {
-            break;
-        }
-        let Some(source) = body.source(0) else { break };
+    let mut first = Some(first);
+    peer::resend_while_unreachable(origin, "exchange", |attempt| {
+        let source = match attempt {
+            1 => first.take()?,
+            _ if body.is_replayable() => body.source(0)?,
+            _ => return None,
+        };
         let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
-        tracing::warn!(peer = %origin, attempt, "peer relay unreachable; sending the same exchange again");
-        result = exchange::send(&clients.peer, origin, sealed, source, options, state).await;
-    }
-    result
+        Some(exchange::send(&clients.peer, origin, sealed, source, options, state))
+    })
+    .await
 }
 
 /// The application never sees a relay status (559-569): a relay-layer failure on the hop, such

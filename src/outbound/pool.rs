@@ -24,7 +24,7 @@ use api_relay_protocol::{ClientId, ProtocolError};
 use crate::error::{RelayCode, RelayError};
 use crate::headers;
 use crate::metrics::RelayMetrics;
-use crate::outbound::peer::{PeerOrigin, send_error};
+use crate::outbound::peer::{PeerOrigin, resend_while_unreachable, send_error};
 
 /// Maximum bytes of a pairing answer relay A reads: room for 64 pairs of about 1.6 KiB each.
 const MAX_PAIRING_RESPONSE_BYTES: usize = 128 * 1024;
@@ -227,11 +227,12 @@ impl PairPool {
         };
         let initiator = PairingInitiator::new(self.size);
         let request = initiator.request(Some(&client_id));
-        let mut response = client
-            .post(origin.url("/api/mte-pair"))
-            .send_json(&request)
-            .await
-            .map_err(|error| send_error(error, "peer relay", self.timeout))?;
+        let timeout = self.timeout;
+        let mut response = resend_while_unreachable(origin, "pairing request", |_| {
+            let sending = client.post(origin.url("/api/mte-pair")).send_json(&request);
+            Some(async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) })
+        })
+        .await?;
         let status = response.status().as_u16();
         if status != 200 {
             tracing::warn!(peer = %origin, status, "peer relay rejected the pairing request");
@@ -298,11 +299,11 @@ async fn fetch_client_id(
     client: &awc::Client,
     timeout: Duration,
 ) -> Result<ClientId, RelayError> {
-    let response = client
-        .head(origin.url("/api/mte-relay"))
-        .send()
-        .await
-        .map_err(|error| send_error(error, "peer relay", timeout))?;
+    let response = resend_while_unreachable(origin, "client id request", |_| {
+        let sending = client.head(origin.url("/api/mte-relay")).send();
+        Some(async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) })
+    })
+    .await?;
     let invalid = |reason: &str| RelayError::BadGateway { hop: "peer relay", reason: reason.to_owned() };
     if !response.status().is_success() {
         return Err(invalid("HEAD /api/mte-relay did not succeed"));
