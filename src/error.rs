@@ -105,6 +105,9 @@ pub enum RelayError {
     /// Outbound: `x-mte-upstream` names a peer that is not on `OUTBOUND_ALLOWLIST`.
     #[error("x-mte-upstream is not on the outbound allow-list")]
     UpstreamNotAllowed,
+    /// Outbound: the application's headers exceed `MAX_HEADER_COUNT` or `MAX_HEADER_BYTES`.
+    #[error("request headers too large: {reason}")]
+    HeadersTooLarge { reason: String },
     /// The body exceeds `MAX_BODY_BYTES`.
     #[error("request body larger than the configured maximum of {limit} bytes")]
     BodyTooLarge { limit: u64 },
@@ -164,6 +167,7 @@ impl ResponseError for RelayError {
             RelayError::Unauthorized => StatusCode::UNAUTHORIZED,
             RelayError::BadHeader { .. } => StatusCode::BAD_REQUEST,
             RelayError::UpstreamNotAllowed => StatusCode::FORBIDDEN,
+            RelayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RelayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::Relay { code, .. } => code.status(),
             RelayError::PeerRejected { .. }

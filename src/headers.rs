@@ -104,6 +104,34 @@ pub fn encode_block(pseudo: &str, pseudo_value: &str, fields: &[Field]) -> Vec<u
     fields::encode(&all)
 }
 
+/// Encodes a block like [`encode_block`] and checks it against the limits the peer decodes it
+/// with, so a block the peer would reject is refused here with a reason naming the setting.
+///
+/// # Errors
+/// The reason, when the block has more lines than `MAX_HEADER_COUNT` allows or more bytes
+/// than `MAX_HEADER_BYTES`.
+pub fn encode_limited(
+    pseudo: &str,
+    pseudo_value: &str,
+    fields: &[Field],
+    limits: FieldLimits,
+) -> Result<Vec<u8>, String> {
+    // The pseudo-field takes one of the block's lines.
+    let allowed = limits.max_fields.saturating_sub(1);
+    if fields.len() > allowed {
+        return Err(format!("{} header lines, MAX_HEADER_COUNT allows {allowed}", fields.len()));
+    }
+    let block = encode_block(pseudo, pseudo_value, fields);
+    if block.len() > limits.max_bytes {
+        return Err(format!(
+            "{} bytes of headers once encoded, MAX_HEADER_BYTES allows {}",
+            block.len(),
+            limits.max_bytes
+        ));
+    }
+    Ok(block)
+}
+
 /// A decoded header block: its pseudo-field value and the ordinary headers.
 pub struct Block {
     pub pseudo: String,

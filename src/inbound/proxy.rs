@@ -90,7 +90,15 @@ async fn seal_response(
 ) -> Result<HttpResponse, RelayError> {
     let pairs = response.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
     let fields = headers::end_to_end_pairs(pairs);
-    let block = headers::encode_block(PSEUDO_STATUS, response.status.as_str(), &fields);
+    let block =
+        headers::encode_limited(PSEUDO_STATUS, response.status.as_str(), &fields, state.field_limits())
+            .map_err(|reason| {
+                tracing::warn!(%reason, "upstream response headers over the limit; not relayed");
+                RelayError::BadGateway {
+                    hop: "upstream API",
+                    reason: format!("response headers too large: {reason}"),
+                }
+            })?;
     let block = match seal_headers {
         true => cipher.seal_headers(&block),
         false => block,

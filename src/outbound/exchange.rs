@@ -8,7 +8,7 @@ use actix_web::body::SizedStream;
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse};
 use api_relay_actors::Exchange;
-use api_relay_protocol::fields::Field;
+use api_relay_protocol::fields::FieldLimits;
 use api_relay_protocol::records::{self, RecordOpener, RecordSealer};
 use api_relay_protocol::relay_header::SealFlags;
 use api_relay_protocol::seal::ItemCipher;
@@ -75,11 +75,11 @@ fn flag(request: &HttpRequest, name: &'static str) -> Result<bool, RelayError> {
     }
 }
 
-/// The parts of the application's request that get sealed.
+/// The parts of the application's request that get sealed, the header block already encoded.
 pub struct PlainParts {
     method: Method,
     path_and_query: String,
-    fields: Vec<Field>,
+    block: Vec<u8>,
 }
 
 /// A request sealed for one attempt, plus the cipher relay A needs to open the response.
@@ -96,12 +96,22 @@ pub struct SealedRequest {
 
 impl SealedRequest {
     /// Takes the method, the exact path and query, and the end-to-end headers of `request`.
-    pub fn plain_parts(request: &HttpRequest) -> PlainParts {
+    ///
+    /// # Errors
+    /// `HeadersTooLarge` when the header block would pass `MAX_HEADER_COUNT` or
+    /// `MAX_HEADER_BYTES`, the limits relay B opens it with when both relays share the settings.
+    pub fn plain_parts(request: &HttpRequest, limits: FieldLimits) -> Result<PlainParts, RelayError> {
         let mut fields = headers::end_to_end(request.headers());
         let client_ip = request.peer_addr().map(|address| address.ip().to_string());
         headers::add_forwarded(&mut fields, client_ip, request.connection_info().scheme());
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-        PlainParts { method: request.method().clone(), path_and_query, fields }
+        let method = request.method().clone();
+        let block =
+            headers::encode_limited(PSEUDO_METHOD, method.as_str(), &fields, limits).map_err(|reason| {
+                tracing::warn!(%reason, "request headers over the limit; not sent");
+                RelayError::HeadersTooLarge { reason }
+            })?;
+        Ok(PlainParts { method, path_and_query, block })
     }
 
     /// Seals URL and header block for `exchange`.
@@ -121,10 +131,9 @@ impl SealedRequest {
             true => format!("/{}", B64.encode(request_cipher.seal_url(plain.path_and_query.as_bytes()))),
             false => plain.path_and_query.clone(),
         };
-        let block = headers::encode_block(PSEUDO_METHOD, plain.method.as_str(), &plain.fields);
         let block = match options.flags.headers {
-            true => request_cipher.seal_headers(&block),
-            false => block,
+            true => request_cipher.seal_headers(&plain.block),
+            false => plain.block.clone(),
         };
         let relay_header = RelayHeader {
             client_id: exchange.client_id.clone(),

@@ -50,8 +50,8 @@ pub async fn handle(
     if declared_length(&request).is_some_and(|length| length > limit) {
         return Err(RelayError::BodyTooLarge { limit });
     }
+    let plain = SealedRequest::plain_parts(&request, state.field_limits())?;
     let mut body = OutboundBody::read(payload, &options, &state).await?;
-    let plain = SealedRequest::plain_parts(&request);
     relay_exchange(&request, &plain, &origin, &options, &mut body, &state, &clients)
         .await
         .map_err(application_error)
