@@ -159,10 +159,15 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             .app_data(web::PayloadConfig::new(256 * 1024))
             .wrap(default_headers)
             .wrap(TracingLogger::<RequestLog>::new())
-            .service(web::resource("/{tail:.*}").guard(guard::fn_guard(is_outbound)).to(outbound::handle))
+            // Catch-all scopes match by an empty prefix, which costs no pattern matching.
+            .service(
+                web::scope("").guard(guard::fn_guard(is_outbound)).default_service(web::to(outbound::handle)),
+            )
             .service(web::resource("/api/mte-relay").route(web::head().to(inbound::pairing::client_id)))
             .service(web::resource("/api/mte-pair").route(web::post().to(inbound::pairing::pair)))
-            .service(web::resource("/{tail:.*}").guard(guard::fn_guard(is_inbound)).to(inbound::handle))
+            .service(
+                web::scope("").guard(guard::fn_guard(is_inbound)).default_service(web::to(inbound::handle)),
+            )
             .configure(routes::local)
     })
     .workers(config.workers)

@@ -2,7 +2,8 @@
 //! human-readable with `LOG_FORMAT=pretty`; `DEBUG=true` adds per-exchange debug records.
 //!
 //! `RequestLog` gives tracing-actix-web one span per request and writes one record when the
-//! request ends: method, route template, status, latency, role and request id. It records no
+//! request ends: method, route template (`*` for a relayed exchange), status, latency, role and
+//! request id. It records no
 //! URL, header value or body, so nothing sealed ever reaches a log.
 
 use std::io::IsTerminal;
@@ -25,17 +26,23 @@ pub fn init(format: LogFormat, debug: bool) -> WorkerGuard {
     init_at(format, if debug { "debug" } else { "info" })
 }
 
+/// Bytes of log records the writer thread collects before it writes them to stdout.
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Installs the global subscriber with `level` (`error`, `warn`, `info` or `debug`) as the floor.
 ///
 /// Records go to stdout from a dedicated writer thread, so request handlers never wait for a
 /// write to stdout. The queue blocks instead of dropping records when the writer falls behind.
+/// The writer thread buffers what is queued and writes it at once when the queue is empty, so
+/// a busy relay makes one write per batch of records instead of one per record, and an idle
+/// relay still writes each record as it comes.
 pub fn init_at(format: LogFormat, level: &str) -> WorkerGuard {
     let filter =
         EnvFilter::new(format!("{level},actix_server=warn,actix_http=warn,awc=warn,h2=warn,rustls=warn"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("api-relay-log")
-        .finish(std::io::stdout());
+        .finish(std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stdout()));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     // A second init (tests or the demo starting twice) keeps the first subscriber.
     let _ = match format {
@@ -90,7 +97,8 @@ impl RootSpanBuilder for RequestLog {
         if let Some(state) = request.app_data::<actix_web::web::Data<RelayState>>() {
             state.metrics.request_done(role, status, elapsed);
         }
-        let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+        // Relayed exchanges and the 569 fallback match any path: their route is `*`.
+        let route = request.match_pattern().unwrap_or_else(|| "*".to_owned());
         let request_id = extensions.get::<RequestId>().map(ToString::to_string).unwrap_or_default();
         let exchange = extensions.get::<ExchangeFields>().cloned().unwrap_or_default();
         let _entered = span.enter();

@@ -28,7 +28,7 @@ const RELAY_EH_HEADER: &str = "x-mte-relay-eh";
 /// Pairs relay A creates per peer when `PAIR_POOL_SIZE` is not set.
 const DEFAULT_PAIR_POOL_SIZE: f64 = 4.0;
 /// Route template that outbound and inbound exchanges match.
-const EXCHANGE_ROUTE: &str = "/{tail:.*}";
+const EXCHANGE_ROUTE: &str = "*";
 /// Path of the Grafana dashboard, relative to the package root.
 const DASHBOARD_PATH: &str = "grafana/dashboards/api-relay.json";
 
