@@ -149,6 +149,8 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let app_state = state.clone();
     let app_config = Arc::clone(&config);
     let server = HttpServer::new(move || {
+        // The factory runs once on each worker thread.
+        app_state.registry.workers().register_current();
         let mut default_headers = DefaultHeaders::new();
         for (name, value) in &app_config.headers {
             default_headers = default_headers.add((name.clone(), value.clone()));

@@ -12,6 +12,7 @@
 //! - [`sealing`]: how `RedisStore` seals pair keys at rest.
 //! - [`supervisor`]: `SnapshotSupervisor`, which watches the shared store's connections.
 //! - [`snapshot`]: `PairSnapshot`, the serialisable copy of a session the store keeps.
+//! - [`workers`]: `Workers`, the HTTP worker threads sessions are placed on.
 //!
 //! Request path: an HTTP handler asks the registry for the pair's `PeerSession`, sends it one
 //! message (`AllocateSeq` or `AcceptSeq`) and gets back the `seq` and the pair keys. The handler
@@ -29,6 +30,7 @@ pub mod session;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;
+pub mod workers;
 
 pub use redis_store::{RedisSettings, RedisStore};
 pub use registry::{SessionHandle, SessionRegistry};
@@ -38,3 +40,4 @@ pub use session::{
 pub use snapshot::{PairSnapshot, Role};
 pub use store::{MemoryStore, PoolRecord, SeqCheck, StateStore, StoreError};
 pub use supervisor::{SnapshotSupervisor, StoreHealth, SupervisorSettings};
+pub use workers::Workers;

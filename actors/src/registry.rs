@@ -1,16 +1,18 @@
 //! `SessionRegistry`: finds the `PeerSession` of a pair, starting it from the state store when
 //! this process does not hold it.
 //!
-//! The registry is shared by all HTTP workers. Each session actor runs on the worker that
-//! created it; its address works from every worker.
+//! The registry is shared by all HTTP workers. Each session actor runs on one worker: the one
+//! that created or loaded it, or, for relay A's pools, the worker [`Workers`] picked. Its
+//! address works from every worker.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use actix::{Actor, Addr};
+use actix::{Actor, Addr, ArbiterHandle};
 use api_relay_protocol::{ClientId, PairId, PairKeys};
 
+use crate::workers::Workers;
 use crate::{PairSnapshot, PeerSession, Role, SessionLimits, StateStore, StoreError};
 
 /// A live session as the request path sees it: the actor, plus the immutable parts of the pair
@@ -22,6 +24,8 @@ pub struct SessionHandle {
     pub client_id: ClientId,
     pub keys: Arc<PairKeys>,
     pub role: Role,
+    /// Index of the worker the actor runs on, when it runs on a registered worker.
+    pub worker: Option<usize>,
     /// Number of this session among all sessions the registry started, so a stopping session
     /// removes its own entry and never a newer session of the same pair.
     pub(crate) serial: u64,
@@ -38,11 +42,18 @@ struct Inner {
     store: Arc<dyn StateStore>,
     limits: SessionLimits,
     next_serial: AtomicU64,
+    workers: Workers,
 }
 
 impl SessionRegistry {
     pub fn new(store: Arc<dyn StateStore>, limits: SessionLimits) -> Self {
-        let inner = Inner { sessions: RwLock::default(), store, limits, next_serial: AtomicU64::new(1) };
+        let inner = Inner {
+            sessions: RwLock::default(),
+            store,
+            limits,
+            next_serial: AtomicU64::new(1),
+            workers: Workers::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -54,14 +65,37 @@ impl SessionRegistry {
         self.inner.limits
     }
 
+    /// The worker threads sessions can be placed on.
+    pub fn workers(&self) -> &Workers {
+        &self.inner.workers
+    }
+
     /// Stores a new pair and starts its session on the current worker.
     ///
     /// # Errors
     /// `StoreError` when the store did not take the snapshot; the pair must not be used then.
     pub async fn insert(&self, snapshot: PairSnapshot) -> Result<SessionHandle, StoreError> {
+        self.insert_on(snapshot, None).await
+    }
+
+    /// Stores a new pair and starts its session on the worker [`Workers::pick`] gives for the
+    /// `n`-th session of a pool, or on the current worker when none registered.
+    ///
+    /// # Errors
+    /// `StoreError` when the store did not take the snapshot; the pair must not be used then.
+    pub async fn insert_spread(&self, snapshot: PairSnapshot, n: usize) -> Result<SessionHandle, StoreError> {
+        let worker = self.inner.workers.pick(n);
+        self.insert_on(snapshot, worker).await
+    }
+
+    async fn insert_on(
+        &self,
+        snapshot: PairSnapshot,
+        worker: Option<(usize, ArbiterHandle)>,
+    ) -> Result<SessionHandle, StoreError> {
         let ttl = self.inner.limits.store_ttl(snapshot.created_at).unwrap_or(self.inner.limits.idle_timeout);
         self.inner.store.save_pair(&snapshot, ttl).await?;
-        Ok(self.start(snapshot))
+        Ok(self.start_on(snapshot, worker))
     }
 
     /// Finds relay B's session of `pair_id`: in memory, else loaded from a shared store.
@@ -96,7 +130,7 @@ impl SessionRegistry {
         if self.inner.limits.store_ttl(snapshot.created_at).is_none() {
             return Ok(None);
         }
-        Ok(Some(self.start(snapshot)))
+        Ok(Some(self.start_on(snapshot, None)))
     }
 
     /// Number of sessions held in memory.
@@ -130,7 +164,9 @@ impl SessionRegistry {
 
     /// Starts a session unless one is already live for the pair (another worker may have
     /// loaded it meanwhile), and returns the live one.
-    fn start(&self, snapshot: PairSnapshot) -> SessionHandle {
+    ///
+    /// `worker` names the worker to run a new session on; `None` runs it on the current one.
+    fn start_on(&self, snapshot: PairSnapshot, worker: Option<(usize, ArbiterHandle)>) -> SessionHandle {
         let key = (snapshot.pair_id, snapshot.role);
         let mut sessions = self.sessions_mut();
         if let Some(handle) = sessions.get(&key).filter(|handle| handle.addr.connected()) {
@@ -141,8 +177,12 @@ impl SessionRegistry {
         let role = snapshot.role;
         let client_id = snapshot.client_id.clone();
         let keys = Arc::clone(&snapshot.keys);
-        let addr = PeerSession::new(snapshot, self.inner.limits, self.clone(), serial).start();
-        let handle = SessionHandle { addr, pair_id, client_id, keys, role, serial };
+        let session = PeerSession::new(snapshot, self.inner.limits, self.clone(), serial);
+        let (addr, worker) = match worker {
+            Some((index, arbiter)) => (PeerSession::start_in_arbiter(&arbiter, |_| session), Some(index)),
+            None => (session.start(), Workers::current()),
+        };
+        let handle = SessionHandle { addr, pair_id, client_id, keys, role, worker, serial };
         sessions.insert(key, handle.clone());
         handle
     }

@@ -2,7 +2,9 @@
 //!
 //! The first request to a peer pairs (one `POST /api/mte-pair` for the whole pool) while
 //! concurrent requests to the same peer wait for that pairing instead of starting their own.
-//! Later requests take the pool's pairs round-robin. When the peer reports it lost a pair (560),
+//! The pairs' sessions are spread over the HTTP workers, and later requests take the pool's
+//! pairs round-robin among those on their own worker, so an exchange rarely waits for another
+//! thread. When the peer reports it lost a pair (560),
 //! the pair expired (567) or the client id is no longer valid (566, which also drops the id),
 //! the whole generation of pairs is dropped once, and the next request pairs again; a stale
 //! report about an older generation changes nothing.
@@ -17,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use api_relay_actors::{PairSnapshot, PoolRecord, Role, SessionHandle, SessionRegistry, StoreError};
+use api_relay_actors::{PairSnapshot, PoolRecord, Role, SessionHandle, SessionRegistry, StoreError, Workers};
 use api_relay_protocol::pairing::{PairingInitiator, PairingResponse};
 use api_relay_protocol::{ClientId, ProtocolError};
 
@@ -254,10 +256,10 @@ impl PairPool {
             RelayError::BadGateway { hop: "peer relay", reason: error.to_string() }
         })?;
         let mut sessions = Vec::with_capacity(pairs.len());
-        for pair in pairs {
+        for (index, pair) in pairs.into_iter().enumerate() {
             let snapshot =
                 PairSnapshot::new(pair.pair_id, client_id.clone(), Role::Outbound, pair.keys, self.window);
-            let session = self.registry.insert(snapshot).await.map_err(|error| {
+            let session = self.registry.insert_spread(snapshot, index).await.map_err(|error| {
                 tracing::error!(peer = %origin, %error, "could not store a new pair");
                 RelayError::StoreUnavailable { reason: format!("could not store the new pair: {error}") }
             })?;
@@ -269,13 +271,20 @@ impl PairPool {
 }
 
 impl PeerPairs {
+    /// The next pair in turn among those whose session runs on the calling worker, or among all
+    /// pairs when none does.
     fn take(&self) -> Option<Lease> {
         let state = self.read();
-        if state.pairs.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % state.pairs.len();
-        Some(Lease { session: state.pairs[index].clone(), generation: state.generation })
+        let here = Workers::current();
+        let local = |session: &&SessionHandle| here.is_some() && session.worker == here;
+        let local_count = state.pairs.iter().filter(local).count();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let session = match local_count {
+            0 if state.pairs.is_empty() => return None,
+            0 => &state.pairs[turn % state.pairs.len()],
+            count => state.pairs.iter().filter(local).nth(turn % count)?,
+        };
+        Some(Lease { session: session.clone(), generation: state.generation })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, PoolState> {
