@@ -39,7 +39,7 @@ impl Workers {
         CURRENT.get()
     }
 
-    /// The worker for the `n`-th of several sessions: workers in turn, starting after the
+    /// Returns the worker for the `n`-th of several sessions: workers in turn, starting with the
     /// calling one, so a pool of one session stays where it was created. `None` when no worker
     /// registered.
     pub fn pick(&self, n: usize) -> Option<(usize, ArbiterHandle)> {
