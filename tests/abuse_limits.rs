@@ -117,6 +117,12 @@ fn count_log_lines(relay: &common::RelayProcess, text: &str, expected: usize) ->
     count()
 }
 
+/// Asserts that `relay` logged exactly `expected` lines containing `text`.
+fn assert_logged(relay: &common::RelayProcess, text: &str, expected: usize) {
+    let count = count_log_lines(relay, text, expected);
+    assert_eq!(count, expected, "log lines with {text:?}\n{}", relay.output_report());
+}
+
 #[test]
 fn request_headers_over_the_limit_get_431_before_pairing() {
     let upstream = Upstream::start();
@@ -137,12 +143,7 @@ fn request_headers_over_the_limit_get_431_before_pairing() {
     });
     let paths: Vec<String> = upstream.requests().iter().map(|request| request.target_str()).collect();
     assert_eq!(paths, ["/echo/few"], "only the request within the limits reaches the upstream");
-    assert_eq!(
-        count_log_lines(&pair.a, "request headers over the limit", 2),
-        2,
-        "{}",
-        pair.a.output_report()
-    );
+    assert_logged(&pair.a, "request headers over the limit", 2);
     assert_eq!(
         count_log_lines(&pair.a, "paired with peer relay", 1),
         1,
@@ -162,12 +163,7 @@ fn relay_b_rejects_a_header_block_over_its_limit() {
     });
     let paths: Vec<String> = upstream.requests().iter().map(|request| request.target_str()).collect();
     assert_eq!(paths, ["/echo/few"], "the oversized block never reaches the upstream");
-    assert_eq!(
-        count_log_lines(&pair.b, "more header lines than the configured maximum", 1),
-        1,
-        "{}",
-        pair.b.output_report()
-    );
+    assert_logged(&pair.b, "more header lines than the configured maximum", 1);
 }
 
 #[test]
@@ -182,12 +178,7 @@ fn upstream_response_headers_over_the_limit_get_502() {
         let (status, body) = get_with_headers(&pair, "/status/204", &[]).await;
         assert_eq!(status, 204, "a response within the limit: {body}");
     });
-    assert_eq!(
-        count_log_lines(&pair.b, "upstream response headers over the limit", 1),
-        1,
-        "{}",
-        pair.b.output_report()
-    );
+    assert_logged(&pair.b, "upstream response headers over the limit", 1);
 }
 
 #[test]
