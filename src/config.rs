@@ -32,8 +32,9 @@ pub const DEFAULT_PAIR_POOL_SIZE: usize = 4;
 /// other on the way to relay B.
 pub const DEFAULT_REPLAY_WINDOW: u64 = 1024;
 /// Default bytes of a request body relay A keeps so it can retry once after the peer lost the
-/// pair (1 MiB covers nearly all API calls; larger bodies stream without a retry).
-pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 1 << 20;
+/// pair. 256 KiB covers typical API calls; larger bodies stream without a retry, so relay A's
+/// memory does not grow with upload sizes.
+pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 256 * 1024;
 /// Default idle seconds after which a pair expires (1 hour).
 pub const DEFAULT_PAIR_IDLE_SECS: u64 = 3600;
 /// Default maximum age of a pair in seconds (24 hours), bounding how long one key is used.

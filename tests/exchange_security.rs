@@ -280,7 +280,7 @@ async fn body_over_limit_gets_413(retry_buffer: &str) {
 
 #[tokio::test]
 async fn outbound_buffered_body_over_limit_gets_413() {
-    // Every body of this test fits in the default retry buffer of 1 MiB.
+    // Every body of this test fits in a retry buffer of 1 MiB.
     body_over_limit_gets_413("1048576").await;
 }
 

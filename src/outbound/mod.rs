@@ -221,7 +221,11 @@ impl OutboundBody {
                 return Ok(OutboundBody::Streaming(Some(body::prepend(chunks, source))));
             }
         }
-        Ok(OutboundBody::Buffered(chunks.concat().into()))
+        let whole = match chunks.len() {
+            1 => chunks.pop().unwrap_or_default(),
+            _ => chunks.concat().into(),
+        };
+        Ok(OutboundBody::Buffered(whole))
     }
 
     fn is_replayable(&self) -> bool {
