@@ -23,7 +23,9 @@
 //! disappears from the store by itself. Pool records expire after the maximum pair age.
 //!
 //! Every call is bounded by `REDIS_TIMEOUT_MS`, covering the wait for a pooled connection and
-//! the command. NOTE: the redis crate (1.8) also gives each command of a connection made by
+//! the command. A pooled connection is not pinged before each use, which would double the round
+//! trips of every exchange: a connection whose command failed with a connection error or timed
+//! out is dropped from the pool instead, and the next call gets a new one. NOTE: the redis crate (1.8) also gives each command of a connection made by
 //! bb8-redis its default response timeout of 500 ms, so a larger `REDIS_TIMEOUT_MS` only gives
 //! more time to connect.
 
@@ -151,7 +153,7 @@ impl StoredPool {
 
 /// The shared state store on Redis, with a bb8 pool of connections.
 pub struct RedisStore {
-    pool: bb8::Pool<RedisConnectionManager>,
+    pool: bb8::Pool<Manager>,
     timeout: Duration,
     keys: KeyNames,
     sealer: RecordSealer,
@@ -191,7 +193,8 @@ impl RedisStore {
         let pool = bb8::Pool::builder()
             .max_size(settings.pool_size.max(1))
             .connection_timeout(settings.timeout)
-            .build_unchecked(manager);
+            .test_on_check_out(false)
+            .build_unchecked(Manager { inner: manager });
         let store = Arc::new(Self {
             pool,
             timeout: settings.timeout,
@@ -213,21 +216,32 @@ impl RedisStore {
         &self.health
     }
 
-    /// Runs `work` with a pooled connection, bounded by the store timeout as a whole.
+    /// Runs `work` with a pooled connection, bounded by the store timeout as a whole. A
+    /// connection whose command failed on the connection itself, or timed out, leaves the pool.
     async fn bounded<T, F>(&self, operation: &'static str, work: F) -> Result<T, StoreError>
     where
         F: AsyncFnOnce(&mut redis::aio::MultiplexedConnection) -> Result<T, RedisError>,
     {
-        let attempt = async {
-            let mut connection = self.connection(operation).await?;
-            work(&mut connection).await.map_err(|error| failed(operation, &error))
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timed_out = || {
+            StoreError::Unavailable(format!("{operation} timed out after {} ms", self.timeout.as_millis()))
         };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "{operation} timed out after {} ms",
-                self.timeout.as_millis()
-            ))),
+        let result = match tokio::time::timeout_at(deadline, self.connection(operation)).await {
+            Err(_) => Err(timed_out()),
+            Ok(Err(error)) => Err(error),
+            Ok(Ok(mut connection)) => {
+                match tokio::time::timeout_at(deadline, work(&mut connection.inner)).await {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(error)) => {
+                        connection.broken = is_connection_error(&error);
+                        Err(failed(operation, &error))
+                    }
+                    Err(_) => {
+                        connection.broken = true;
+                        Err(timed_out())
+                    }
+                }
+            }
         };
         if result.is_err() {
             self.health.record_operation_failure();
@@ -235,10 +249,7 @@ impl RedisStore {
         result
     }
 
-    async fn connection(
-        &self,
-        operation: &'static str,
-    ) -> Result<PooledConnection<'_, RedisConnectionManager>, StoreError> {
+    async fn connection(&self, operation: &'static str) -> Result<PooledConnection<'_, Manager>, StoreError> {
         self.pool.get().await.map_err(|error| match error {
             RunError::User(error) => failed(operation, &error),
             RunError::TimedOut => StoreError::Unavailable(format!(
@@ -246,6 +257,46 @@ impl RedisStore {
                 self.timeout.as_millis()
             )),
         })
+    }
+}
+
+/// Whether `error` means the connection itself is unusable, rather than a command that failed
+/// on a working connection.
+fn is_connection_error(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+}
+
+/// bb8's connection manager for the store: bb8-redis's, plus a flag that takes a failed
+/// connection out of the pool.
+struct Manager {
+    inner: RedisConnectionManager,
+}
+
+/// A pooled Redis connection and whether a command on it failed on the connection itself.
+struct RedisConnection {
+    inner: redis::aio::MultiplexedConnection,
+    broken: bool,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = RedisConnection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<RedisConnection, RedisError> {
+        let inner = self.inner.connect().await?;
+        Ok(RedisConnection { inner, broken: false })
+    }
+
+    async fn is_valid(&self, connection: &mut RedisConnection) -> Result<(), RedisError> {
+        self.inner.is_valid(&mut connection.inner).await
+    }
+
+    fn has_broken(&self, connection: &mut RedisConnection) -> bool {
+        connection.broken
     }
 }
 

@@ -493,6 +493,26 @@ async fn outage_fails_fast_and_recovers_after_restart() {
 }
 
 #[actix::test]
+async fn connection_broken_by_a_restart_leaves_the_pool() {
+    let mut server = RedisServer::start();
+    let store = store(&server);
+    let pair = snapshot(Role::Inbound);
+    store.save_pair(&pair, LONG).await.unwrap();
+
+    server.restart();
+    let deadline = Instant::now() + RECOVERY_TIMEOUT;
+    let mut failures = 0;
+    // One call in turn, so every call takes the same idle pooled connection until it is dropped.
+    while store.save_pair(&pair, LONG).await.is_err() {
+        failures += 1;
+        assert!(Instant::now() < deadline, "store did not recover within {RECOVERY_TIMEOUT:?}");
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failures >= 1, "a connection from before the restart answered, so the test proved nothing");
+    assert_eq!(store.accept_seq(&pair.pair_id, 1, 1024, LONG).await.unwrap(), SeqCheck::Accepted);
+}
+
+#[actix::test]
 async fn supervisor_gives_up_restarts_and_recovers() {
     let mut server = RedisServer::start();
     let store = store(&server);
