@@ -110,8 +110,8 @@ fn check_canonical(text: &str, scheme: &str, host: &str, port: u16) -> Result<()
 pub const MAX_SEND_ATTEMPTS: usize = 3;
 
 /// Runs `send` until it returns something other than [`RelayError::Unreachable`], at most
-/// [`MAX_SEND_ATTEMPTS`] times. `send` gets the attempt number, starting at 1, and returns `None`
-/// when it cannot send again (a body that was not held); the last result is returned then.
+/// [`MAX_SEND_ATTEMPTS`] times. `send` gets the attempt number, starting at 1. It returns `None`
+/// when it cannot send again, for a body that was not held, and the last result stands.
 ///
 /// Only messages that are safe to deliver twice go through here: a repeated exchange carries the
 /// same `seq`, which relay B's replay window accepts once, and a repeated pairing request leaves
