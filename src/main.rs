@@ -8,11 +8,6 @@ use std::process::ExitCode;
 use api_relay::config::{Config, Sources};
 use api_relay::{demo, server, telemetry};
 
-/// mimalloc keeps per-thread free lists, which suits the many short-lived buffers of each
-/// exchange better than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status for invalid configuration (EX_CONFIG of sysexits.h).
 const EXIT_CONFIG: u8 = 78;
 
