@@ -261,10 +261,10 @@ def render(runs, meta, notes):
         f"- {meta['rounds']} round(s) of {meta['duration']} per run, wrk with {meta['threads']} threads. "
         "Each round runs every case against the direct upstream, the nginx pair, the relay pair and the "
         "relay pair with Redis, in that order.",
-        f"- 1-minute load average: {meta['load_before']} before (1, 5, 15 min), {meta['load_after']} after; "
-        f"at the end of each run min {load_min:.2f}, median {load_median:.2f}, max {load_max:.2f}. "
-        "Other work shared the machine, so the figures carry that noise; targets are compared within one "
-        "round-robin run, where it hits every target alike.",
+        f"- Load average (1, 5 and 15 min): {meta['load_before']} before, {meta['load_after']} after; "
+        f"1-minute load at the end of each run: min {load_min:.2f}, median {load_median:.2f}, max {load_max:.2f}. "
+        "wrk, the upstream and the proxies under test share the CPUs, so the load is high during every run; "
+        "targets are compared within one round-robin run, where the same load hits every target alike.",
         "",
         "## Commands",
         "",
