@@ -35,6 +35,19 @@ async fn client_id(client: &reqwest::Client, relay_b: &str) -> ClientId {
     ClientId::parse(&text).expect("valid client id")
 }
 
+/// Sends `POST /api/mte-pair` for `pairs` pairs to `relay_b` as `id` and returns the status.
+async fn pair_directly(client: &reqwest::Client, relay_b: &str, id: &ClientId, pairs: usize) -> u16 {
+    let request = PairingInitiator::new(pairs).request(Some(id));
+    let response = client
+        .post(format!("{relay_b}/api/mte-pair"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&request).expect("pairing request JSON"))
+        .send()
+        .await
+        .expect("pairing request");
+    response.status().as_u16()
+}
+
 #[test]
 fn pairing_flood_is_cut_off_while_exchanges_continue() {
     let upstream = Upstream::start();
@@ -46,15 +59,7 @@ fn pairing_flood_is_cut_off_while_exchanges_continue() {
         let id = client_id(&client, &pair.b.url()).await;
         let mut statuses = Vec::new();
         for index in 0..20 {
-            let request = PairingInitiator::new(1).request(Some(&id));
-            let response = client
-                .post(format!("{}/api/mte-pair", pair.b.url()))
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&request).expect("pairing request JSON"))
-                .send()
-                .await
-                .expect("pairing request");
-            statuses.push(response.status().as_u16());
+            statuses.push(pair_directly(&client, &pair.b.url(), &id, 1).await);
             assert_eq!(
                 exchange(&client, &pair, index + 1).await,
                 200,
@@ -191,15 +196,7 @@ fn pairing_request_for_too_many_pairs_gets_564() {
         let id = client_id(&client, &pair.b.url()).await;
         let mut statuses = Vec::new();
         for pairs in [3, 2] {
-            let request = PairingInitiator::new(pairs).request(Some(&id));
-            let response = client
-                .post(format!("{}/api/mte-pair", pair.b.url()))
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&request).expect("pairing request JSON"))
-                .send()
-                .await
-                .expect("pairing request");
-            statuses.push(response.status().as_u16());
+            statuses.push(pair_directly(&client, &pair.b.url(), &id, pairs).await);
         }
         assert_eq!(statuses, [564, 200], "pairing for 3 and then 2 pairs against MAX_PAIRS_PER_REQUEST=2");
 
