@@ -267,6 +267,10 @@ async fn body_over_limit_gets_413(retry_buffer: &str) {
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(upstream.request_count(), 0, "no oversized body may reach the upstream");
+    let logged = pair.a.wait_for_log(Duration::from_secs(5), |line| {
+        line.contains("outbound request rejected") && line.contains("4096 bytes")
+    });
+    assert!(logged.is_some(), "relay A logged no rejection of a body over the limit");
 
     for encode_type in ["MKE", "MTE"] {
         let at_limit = send(encode_type, chunked_body(4096, 512)).await.unwrap();

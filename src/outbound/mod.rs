@@ -39,22 +39,32 @@ pub async fn handle(
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Outbound);
     authorize(&request, &state)?;
-    let origin = peer_origin(&request)?;
+    let origin = peer_origin(&request).inspect_err(log_rejected)?;
     telemetry::note(&request, |fields| fields.peer = Some(origin.to_string()));
     if !origin.is_allowed(&state.config) {
         tracing::warn!(peer = %origin, "x-mte-upstream rejected by OUTBOUND_ALLOWLIST");
         return Err(RelayError::UpstreamNotAllowed);
     }
-    let options = ExchangeOptions::from_request(&request)?;
+    let options = ExchangeOptions::from_request(&request).inspect_err(log_rejected)?;
     let limit = state.config.max_body_bytes;
     if declared_length(&request).is_some_and(|length| length > limit) {
-        return Err(RelayError::BodyTooLarge { limit });
+        let error = RelayError::BodyTooLarge { limit };
+        log_rejected(&error);
+        return Err(error);
     }
     let plain = SealedRequest::plain_parts(&request, state.field_limits())?;
-    let mut body = OutboundBody::read(payload, &options, &state).await?;
+    let mut body = OutboundBody::read(payload, &options, &state).await.inspect_err(log_rejected)?;
     relay_exchange(&request, &plain, &origin, &options, &mut body, &state, &clients)
         .await
         .map_err(application_error)
+}
+
+/// Logs a request refused for what the application sent: an invalid `x-mte-*` header or a body
+/// over `MAX_BODY_BYTES`. Other errors log where they happen.
+fn log_rejected(error: &RelayError) {
+    if matches!(error, RelayError::BadHeader { .. } | RelayError::BodyTooLarge { .. }) {
+        tracing::warn!(%error, "outbound request rejected");
+    }
 }
 
 /// Most pairs one request takes from the pool: a pair that expired locally is replaced without
