@@ -59,7 +59,7 @@ pub async fn handle(
         .map_err(application_error)
 }
 
-/// Logs a request refused for what the application sent: an invalid `x-mte-*` header or a body
+/// Logs a request rejected for what the application sent: an invalid `x-mte-*` header or a body
 /// over `MAX_BODY_BYTES`. Other errors log where they happen.
 fn log_rejected(error: &RelayError) {
     if matches!(error, RelayError::BadHeader { .. } | RelayError::BodyTooLarge { .. }) {
@@ -147,15 +147,15 @@ async fn send_with_resends(
     state: &RelayState,
     clients: &crate::client::HopClients,
 ) -> Result<awc::ClientResponse, RelayError> {
-    let mut first = Some(first);
-    peer::resend_while_unreachable(origin, "exchange", |attempt| {
-        let source = match attempt {
-            1 => first.take()?,
-            _ if body.is_replayable() => body.source(0)?,
-            _ => return None,
-        };
+    let send = |source| {
         let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
-        Some(exchange::send(&clients.peer, origin, sealed, source, options, state))
+        exchange::send(&clients.peer, origin, sealed, source, options, state)
+    };
+    peer::resend_while_unreachable(origin, "exchange", send(first), |_| {
+        if !body.is_replayable() {
+            return None;
+        }
+        body.source(0).map(send)
     })
     .await
 }

@@ -104,37 +104,36 @@ fn check_canonical(text: &str, scheme: &str, host: &str, port: u16) -> Result<()
     Ok(())
 }
 
-/// Most times relay A sends one message to the peer while the peer cannot be reached: a pooled
-/// connection that the peer closed, for example while it restarted, fails before any response
-/// arrives, and the next attempt takes another connection.
+/// Maximum sends of one message while the peer cannot be reached. A pooled connection that the
+/// peer closed, for example while it restarted, fails before any response arrives, so the next
+/// attempt takes another connection.
 pub const MAX_SEND_ATTEMPTS: usize = 3;
 
-/// Runs `send` until it returns something other than [`RelayError::Unreachable`], at most
-/// [`MAX_SEND_ATTEMPTS`] times. `send` gets the attempt number, starting at 1. It returns `None`
-/// when it cannot send again, for a body that was not held, and the last result stands.
+/// Awaits `first` and, while the result is [`RelayError::Unreachable`], the sends `again` makes,
+/// up to [`MAX_SEND_ATTEMPTS`] in all. `again` gets the attempt number (2 and up). It
+/// returns `None` when it cannot send again, for a body that was not held, and then the last
+/// result is returned.
 ///
 /// Only messages that are safe to deliver twice go through here: a repeated exchange carries the
 /// same `seq`, which relay B's replay window accepts once, and a repeated pairing request leaves
 /// at most an unused pair on relay B that expires.
 pub async fn resend_while_unreachable<T, F, Fut>(
     origin: &PeerOrigin,
-    what: &'static str,
-    mut send: F,
+    message: &'static str,
+    first: Fut,
+    mut again: F,
 ) -> Result<T, RelayError>
 where
     F: FnMut(usize) -> Option<Fut>,
     Fut: Future<Output = Result<T, RelayError>>,
 {
-    let mut result = match send(1) {
-        Some(first) => first.await,
-        None => return Err(RelayError::BadGateway { hop: "peer relay", reason: format!("{what} not sent") }),
-    };
+    let mut result = first.await;
     for attempt in 2..=MAX_SEND_ATTEMPTS {
         if !matches!(result, Err(RelayError::Unreachable { .. })) {
             break;
         }
-        let Some(next) = send(attempt) else { break };
-        tracing::warn!(peer = %origin, attempt, "peer relay unreachable; sending the {what} again");
+        let Some(next) = again(attempt) else { break };
+        tracing::warn!(peer = %origin, attempt, "peer relay unreachable; sending the {message} again");
         result = next.await;
     }
     result

@@ -230,11 +230,12 @@ impl PairPool {
         let initiator = PairingInitiator::new(self.size);
         let request = initiator.request(Some(&client_id));
         let timeout = self.timeout;
-        let mut response = resend_while_unreachable(origin, "pairing request", |_| {
+        let send = || {
             let sending = client.post(origin.url("/api/mte-pair")).send_json(&request);
-            Some(async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) })
-        })
-        .await?;
+            async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) }
+        };
+        let mut response =
+            resend_while_unreachable(origin, "pairing request", send(), |_| Some(send())).await?;
         let status = response.status().as_u16();
         if status != 200 {
             tracing::warn!(peer = %origin, status, "peer relay rejected the pairing request");
@@ -275,8 +276,8 @@ impl PeerPairs {
     /// pairs when none does.
     fn take(&self) -> Option<Lease> {
         let state = self.read();
-        let here = Workers::current();
-        let local = |session: &&SessionHandle| here.is_some() && session.worker == here;
+        let current_worker = Workers::current();
+        let local = |session: &&SessionHandle| current_worker.is_some() && session.worker == current_worker;
         let local_count = state.pairs.iter().filter(local).count();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let session = match local_count {
@@ -308,11 +309,11 @@ async fn fetch_client_id(
     client: &awc::Client,
     timeout: Duration,
 ) -> Result<ClientId, RelayError> {
-    let response = resend_while_unreachable(origin, "client id request", |_| {
+    let send = || {
         let sending = client.head(origin.url("/api/mte-relay")).send();
-        Some(async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) })
-    })
-    .await?;
+        async move { sending.await.map_err(|error| send_error(error, "peer relay", timeout)) }
+    };
+    let response = resend_while_unreachable(origin, "client id request", send(), |_| Some(send())).await?;
     let invalid = |reason: &str| RelayError::BadGateway { hop: "peer relay", reason: reason.to_owned() };
     if !response.status().is_success() {
         return Err(invalid("HEAD /api/mte-relay did not succeed"));
