@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::marker;
 use common::{
     CLIENT_ID_SECRET_VALUE, HoldingForwarder, OUTBOUND_TOKEN_VALUE, RawRequest, RelayPair, TcpRecorder,
     Upstream, assert_contains_all, assert_contains_none, find_bytes, parse_responses, relay_builder,
@@ -29,11 +30,7 @@ const RELAY_HEADER: &str = "x-mte-relay";
 const RELAY_EH_HEADER: &str = "x-mte-relay-eh";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("building the reqwest client failed")
+    common::no_redirect_client(REQUEST_TIMEOUT)
 }
 
 /// Returns a request to relay A at `path` with the outbound token and `x-mte-upstream: peer`.
@@ -44,15 +41,7 @@ fn outbound(
     method: Method,
     path: &str,
 ) -> RequestBuilder {
-    client
-        .request(method, format!("{relay_a}{path}"))
-        .header("x-mte-outbound-token", OUTBOUND_TOKEN_VALUE)
-        .header("x-mte-upstream", peer)
-}
-
-/// Returns a random marker that no relay could produce by chance.
-fn marker(label: &str) -> String {
-    format!("{label}{}", uuid::Uuid::new_v4().simple())
+    common::outbound_request(client, relay_a, peer, OUTBOUND_TOKEN_VALUE, method, path)
 }
 
 /// Reads an error response and checks its status, its JSON shape and that it contains no

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::marker;
 use common::{
     OUTBOUND_TOKEN_VALUE, RawRequest, RelayPair, RelayProcess, TcpRecorder, Upstream, parse_responses,
     relay_builder, send_raw, wait_until,
@@ -33,11 +34,7 @@ const EXCHANGE_ROUTE: &str = "*";
 const DASHBOARD_PATH: &str = "grafana/dashboards/api-relay.json";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("building the reqwest client failed")
+    common::no_redirect_client(REQUEST_TIMEOUT)
 }
 
 /// Returns a request to relay A at `path` with `token` and `x-mte-upstream: peer`.
@@ -49,10 +46,7 @@ fn outbound_with_token(
     method: Method,
     path: &str,
 ) -> RequestBuilder {
-    client
-        .request(method, format!("{relay_a}{path}"))
-        .header("x-mte-outbound-token", token)
-        .header("x-mte-upstream", peer)
+    common::outbound_request(client, relay_a, peer, token, method, path)
 }
 
 /// Returns a request to relay A at `path` with the harness's outbound token.
@@ -64,11 +58,6 @@ fn outbound(
     path: &str,
 ) -> RequestBuilder {
     outbound_with_token(client, relay_a, peer, OUTBOUND_TOKEN_VALUE, method, path)
-}
-
-/// Returns a random marker that no relay could produce by chance.
-fn marker(label: &str) -> String {
-    format!("{label}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Returns a random secret of 64 hex digits after `label`.

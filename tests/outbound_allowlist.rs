@@ -27,11 +27,7 @@ const LATE_CONNECT_WAIT: Duration = Duration::from_millis(300);
 const NO_ALLOWLIST_WARNING: &str = "any caller with the outbound token can reach any host";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("building the reqwest client failed")
+    common::no_redirect_client(REQUEST_TIMEOUT)
 }
 
 /// A listener on a loopback address that counts accepted connections. Each connection gets

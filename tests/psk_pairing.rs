@@ -32,11 +32,7 @@ const OTHER_PSK: &str = "test-pairing-psk-other-5f3e81c0d2a96b47e1";
 const MAX_PAIRS: usize = 16;
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("building the reqwest client failed")
+    common::no_redirect_client(REQUEST_TIMEOUT)
 }
 
 /// Sends `POST /echo/psk` through relay A to `peer` and returns the status and body.

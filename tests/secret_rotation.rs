@@ -118,6 +118,18 @@ impl Traffic {
         );
     }
 
+    /// Stops the loops and asserts that every request got 200.
+    async fn finish_without_failures(self) {
+        let (succeeded, failures) = self.finish().await;
+        assert!(
+            failures.is_empty(),
+            "{} of {} requests failed:\n{}",
+            failures.len(),
+            succeeded + failures.len(),
+            failures.join("\n")
+        );
+    }
+
     /// Stops the loops and returns a description of every request that did not get 200.
     async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
@@ -166,7 +178,7 @@ async fn request_loop(
 }
 
 /// Sends `POST /api/mte-pair` to `relay_b` with `client_id` and returns the status and the
-/// client id of a 200 answer.
+/// client id of a 200 response.
 async fn pair_directly(relay_b: &str, client_id: &ClientId) -> (u16, Option<ClientId>) {
     let initiator = PairingInitiator::new(1);
     let body =
@@ -235,21 +247,13 @@ async fn rotation_with_memory_state_keeps_requests_working() {
     traffic.wait_for_more("relay B with S2 and previous S1");
     let (status, refreshed) = pair_directly(&pair.b.url(), &old_id).await;
     assert_eq!(status, 200, "an S1-signed id must still pair while S1 is the previous secret");
-    let refreshed = refreshed.expect("the pairing answer names a client id");
+    let refreshed = refreshed.expect("the pairing response names a client id");
     assert_eq!(refreshed.uuid(), old_id.uuid(), "the refreshed id keeps its uuid");
     assert!(new_signer.verify(&refreshed).is_ok(), "the refreshed id is signed with S2");
 
     restart_b(&mut pair, without_previous_secret);
     traffic.wait_for_more("relay B with S2 only");
-    let (succeeded, failures) = traffic.finish().await;
-
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed:\n{}",
-        failures.len(),
-        succeeded + failures.len(),
-        failures.join("\n")
-    );
+    traffic.finish_without_failures().await;
     let (status, _) = pair_directly(&pair.b.url(), &old_id).await;
     assert_eq!(status, 566, "an S1-signed id must be rejected once S1 is gone");
     let issued = fetch_client_id(&pair.b.url(), &old_id).await;
@@ -285,15 +289,7 @@ async fn rotation_with_redis_state_recovers_from_566() {
 
     restart_b(&mut pair, without_previous_secret);
     traffic.wait_for_more("relay B with S2 only");
-    let (succeeded, failures) = traffic.finish().await;
-
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed:\n{}",
-        failures.len(),
-        succeeded + failures.len(),
-        failures.join("\n")
-    );
+    traffic.finish_without_failures().await;
     let retried = pair.a.wait_for_log(Duration::from_secs(5), |line| {
         line.contains("pairing again") && line.contains("\"status\":566")
     });

@@ -4,7 +4,6 @@
 //! `cargo test -p api-relay-actors --test fuzz_corpus -- --ignored` rewrites the seed files from
 //! `fuzzing::seed_inputs`. Files with other names, such as crashes found by fuzzing, stay.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use api_relay_actors::fuzzing;
@@ -15,20 +14,7 @@ fn corpus_dir() -> PathBuf {
 
 #[test]
 fn snapshot_corpus_replays() {
-    let dir = corpus_dir();
-    let entries =
-        std::fs::read_dir(&dir).unwrap_or_else(|error| panic!("cannot read {}: {error}", dir.display()));
-    let mut count = 0;
-    for entry in entries {
-        let path = entry.expect("corpus entry").path();
-        let data =
-            std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-        if catch_unwind(AssertUnwindSafe(|| fuzzing::snapshot(&data))).is_err() {
-            panic!("snapshot panicked on {}", path.display());
-        }
-        count += 1;
-    }
-    assert!(count > 0, "corpus {} is empty", dir.display());
+    api_relay_protocol::fuzzing::replay_corpus(&corpus_dir(), fuzzing::snapshot);
 }
 
 #[test]

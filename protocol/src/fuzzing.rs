@@ -267,6 +267,26 @@ pub fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     seeds
 }
 
+/// Runs `body` on every file in `dir`, the corpus of one fuzz target, so the corpus replays
+/// under `cargo test`.
+///
+/// # Panics
+/// Naming the file, when `body` panics on it; also when `dir` cannot be read or has no file.
+pub fn replay_corpus(dir: &std::path::Path, body: impl Fn(&[u8])) {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|error| panic!("cannot read {}: {error}", dir.display()));
+    let mut count = 0;
+    for entry in entries {
+        let path = entry.expect("corpus entry").path();
+        let data =
+            std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&data)));
+        assert!(outcome.is_ok(), "fuzz target body panicked on {}", path.display());
+        count += 1;
+    }
+    assert!(count > 0, "corpus {} is empty", dir.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

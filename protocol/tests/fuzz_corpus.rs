@@ -6,7 +6,6 @@
 //! from `fuzzing::seed_inputs`. Files of the same folder with other names, such as crashes found
 //! by fuzzing, are left in place.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use api_relay_protocol::fuzzing;
@@ -17,20 +16,7 @@ fn corpus_dir(target: &str) -> PathBuf {
 
 /// Runs `body` on every file of the target's corpus and names the file that panics.
 fn replay(target: &str, body: fn(&[u8])) {
-    let dir = corpus_dir(target);
-    let entries =
-        std::fs::read_dir(&dir).unwrap_or_else(|error| panic!("cannot read {}: {error}", dir.display()));
-    let mut count = 0;
-    for entry in entries {
-        let path = entry.expect("corpus entry").path();
-        let data =
-            std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-        if catch_unwind(AssertUnwindSafe(|| body(&data))).is_err() {
-            panic!("{target} panicked on {}", path.display());
-        }
-        count += 1;
-    }
-    assert!(count > 0, "corpus {} is empty", dir.display());
+    fuzzing::replay_corpus(&corpus_dir(target), body);
 }
 
 #[test]

@@ -46,6 +46,37 @@ pub use relay::{ExitOutput, RelayBuilder, RelayProcess};
 pub use relay_pair::{CLIENT_ID_SECRET_VALUE, OUTBOUND_TOKEN_VALUE, RelayPair, relay_builder};
 pub use upstream::{RecordedRequest, Upstream};
 
+/// Returns an HTTP client whose requests time out after `timeout` and that returns redirects
+/// instead of following them, so a test gets exactly the response the relay sent.
+pub fn no_redirect_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("building the reqwest client failed")
+}
+
+/// Returns a request to relay A at `path` with `token` as `x-mte-outbound-token` and
+/// `x-mte-upstream: peer`.
+pub fn outbound_request(
+    client: &reqwest::Client,
+    relay_a: &str,
+    peer: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .request(method, format!("{relay_a}{path}"))
+        .header("x-mte-outbound-token", token)
+        .header("x-mte-upstream", peer)
+}
+
+/// Returns a random marker after `label` that no relay could produce by chance.
+pub fn marker(label: &str) -> String {
+    format!("{label}{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Interval between two checks in the polling loops of this harness.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
