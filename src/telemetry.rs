@@ -33,8 +33,9 @@ const LOG_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Installs the global subscriber with `level` (`error`, `warn`, `info` or `debug`) as the floor.
 ///
-/// Records go to stdout from a dedicated writer thread, so request handlers never wait for a
-/// write to stdout. The queue blocks instead of dropping records when the writer falls behind.
+/// Records go to stdout from a dedicated writer thread, so request handlers do not wait for
+/// stdout. Only when the writer falls behind and its queue is full does logging block, because
+/// the queue never drops records.
 /// The writer thread buffers what is queued and writes it at once when the queue is empty, so
 /// a busy relay makes one write per batch of records instead of one per record, and an idle
 /// relay still writes each record as it comes.

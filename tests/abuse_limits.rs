@@ -1,6 +1,6 @@
-//! Abuse limits against real relays: a pairing flood is cut off per client while exchanges on
-//! existing pairs go on, a client that never finishes its request head is disconnected, header
-//! blocks and pairing requests over their limits are refused, and connections over
+//! Abuse limits against real relays. A pairing flood is cut off per client while exchanges on
+//! existing pairs go on, and a client that never finishes its request head is disconnected.
+//! Header blocks and pairing requests over their limits are rejected, and connections over
 //! `MAX_CONNECTIONS` wait for a free slot.
 
 mod common;
@@ -129,7 +129,7 @@ fn assert_logged(relay: &common::RelayProcess, text: &str, expected: usize) {
 }
 
 #[test]
-fn request_headers_over_the_limit_get_431_before_pairing() {
+fn oversized_request_headers_get_431() {
     let upstream = Upstream::start();
     let limits = [("MAX_HEADER_COUNT", "12"), ("MAX_HEADER_BYTES", "1024")];
     let pair = RelayPair::start(&upstream.url(), &limits);
@@ -157,7 +157,7 @@ fn request_headers_over_the_limit_get_431_before_pairing() {
 }
 
 #[test]
-fn relay_b_rejects_a_header_block_over_its_limit() {
+fn relay_b_rejects_oversized_block() {
     let upstream = Upstream::start();
     let pair = RelayPair::start_with(&upstream.url(), &[], &[("MAX_HEADER_COUNT", "12")]);
     runtime().block_on(async {
@@ -174,7 +174,7 @@ fn relay_b_rejects_a_header_block_over_its_limit() {
 #[test]
 fn upstream_response_headers_over_the_limit_get_502() {
     let upstream = Upstream::start();
-    // /cookies answers with three Set-Cookie lines, x-binary and Content-Type: more than four.
+    // /cookies responds with three Set-Cookie lines, x-binary and Content-Type: more than four.
     let pair = RelayPair::start_with(&upstream.url(), &[], &[("MAX_HEADER_COUNT", "4")]);
     runtime().block_on(async {
         let (status, body) = get_with_headers(&pair, "/cookies", &[]).await;
@@ -233,7 +233,7 @@ fn read_status_line(stream: &mut TcpStream, wait: Duration) -> Option<String> {
 }
 
 #[test]
-fn connections_over_the_limit_wait_for_a_free_slot() {
+fn excess_connection_waits_for_slot() {
     let upstream = Upstream::start();
     let relay = relay_builder(&upstream.url())
         .env("WORKERS", "1")

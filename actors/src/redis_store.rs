@@ -23,11 +23,13 @@
 //! disappears from the store by itself. Pool records expire after the maximum pair age.
 //!
 //! Every call is bounded by `REDIS_TIMEOUT_MS`, covering the wait for a pooled connection and
-//! the command. A pooled connection is not pinged before each use, which would double the round
-//! trips of every exchange: a connection whose command failed with a connection error or timed
-//! out is dropped from the pool instead, and the next call gets a new one. NOTE: the redis crate (1.8) also gives each command of a connection made by
-//! bb8-redis its default response timeout of 500 ms, so a larger `REDIS_TIMEOUT_MS` only gives
-//! more time to connect.
+//! the command. A pooled connection is not pinged before each use, because that would double the
+//! round trips of every exchange. Instead, a connection whose command failed with a connection
+//! error or timed out is dropped from the pool, and the next call gets a new one.
+//!
+//! NOTE: the redis crate (1.8) also gives each command of a connection made by bb8-redis its
+//! default response timeout of 500 ms, so a larger `REDIS_TIMEOUT_MS` only gives more time to
+//! connect.
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -260,8 +262,8 @@ impl RedisStore {
     }
 }
 
-/// Whether `error` means the connection itself is unusable, rather than a command that failed
-/// on a working connection.
+/// Returns whether `error` means the connection itself is unusable, rather than a command that
+/// failed on a working connection.
 fn is_connection_error(error: &RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()

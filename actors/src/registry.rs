@@ -65,7 +65,7 @@ impl SessionRegistry {
         self.inner.limits
     }
 
-    /// The worker threads sessions can be placed on.
+    /// Returns the worker threads that sessions can be placed on.
     pub fn workers(&self) -> &Workers {
         &self.inner.workers
     }
