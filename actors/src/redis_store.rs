@@ -113,7 +113,7 @@ impl KeyNames {
 struct Scripts {
     save_pair: Script,
     reserve_seqs: Script,
-    accept_seq: Script,
+    accept_seqs: Script,
     remove_pool: Script,
 }
 
@@ -122,7 +122,7 @@ impl Scripts {
         Self {
             save_pair: Script::new(include_str!("lua/save_pair.lua")),
             reserve_seqs: Script::new(include_str!("lua/reserve_seqs.lua")),
-            accept_seq: Script::new(include_str!("lua/accept_seq.lua")),
+            accept_seqs: Script::new(include_str!("lua/accept_seqs.lua")),
             remove_pool: Script::new(include_str!("lua/remove_pool.lua")),
         }
     }
@@ -467,30 +467,44 @@ impl StateStore for RedisStore {
         }
     }
 
-    async fn accept_seq(
+    async fn accept_seqs(
         &self,
         pair_id: &PairId,
-        seq: u64,
+        seqs: &[u64],
         window: u64,
         ttl: Duration,
-    ) -> Result<SeqCheck, StoreError> {
-        if seq == 0 || seq > MAX_SCRIPT_SEQ {
-            return Ok(SeqCheck::Stale);
+    ) -> Result<Vec<SeqCheck>, StoreError> {
+        // Numbers the script cannot represent exactly are stale without asking; the rest go to
+        // the script in one call, and their outcomes are put back in place.
+        let checkable = |seq: u64| seq != 0 && seq <= MAX_SCRIPT_SEQ;
+        let mut outcomes = vec![SeqCheck::Stale; seqs.len()];
+        let asked: Vec<u64> = seqs.iter().copied().filter(|&seq| checkable(seq)).collect();
+        if asked.is_empty() {
+            return Ok(outcomes);
         }
         let window = window.max(64).div_ceil(64) * 64;
-        let mut invocation = self.scripts.accept_seq.key(self.keys.pair(pair_id, Role::Inbound));
-        invocation.key(self.keys.window(pair_id)).arg(seq).arg(window).arg(ttl_millis(ttl));
-        let outcome: i64 =
-            self.bounded("accept_seq", async |connection| invocation.invoke_async(connection).await).await?;
-        match outcome {
-            1 => Ok(SeqCheck::Accepted),
-            0 => Ok(SeqCheck::Replayed),
-            -1 => Ok(SeqCheck::Stale),
-            -2 => Ok(SeqCheck::PairNotFound),
-            other => {
-                Err(StoreError::Unavailable(format!("accept_seq returned the unexpected value {other}")))
-            }
+        let mut invocation = self.scripts.accept_seqs.key(self.keys.pair(pair_id, Role::Inbound));
+        invocation.key(self.keys.window(pair_id)).arg(window).arg(ttl_millis(ttl)).arg(&asked);
+        let reply: redis::Value =
+            self.bounded("accept_seqs", async |connection| invocation.invoke_async(connection).await).await?;
+        let unexpected = |what: &str| StoreError::Unavailable(format!("accept_seqs returned {what}"));
+        let answers: Vec<i64> = match reply {
+            redis::Value::Int(-2) => return Ok(vec![SeqCheck::PairNotFound; seqs.len()]),
+            reply => redis::from_redis_value(reply).map_err(|_| unexpected("a value of the wrong type"))?,
+        };
+        if answers.len() != asked.len() {
+            return Err(unexpected("the wrong number of outcomes"));
         }
+        let slots = outcomes.iter_mut().zip(seqs).filter(|(_, seq)| checkable(**seq));
+        for ((slot, _), answer) in slots.zip(answers) {
+            *slot = match answer {
+                1 => SeqCheck::Accepted,
+                0 => SeqCheck::Replayed,
+                -1 => SeqCheck::Stale,
+                other => return Err(unexpected(&format!("the unexpected value {other}"))),
+            };
+        }
+        Ok(outcomes)
     }
 
     async fn save_pool(&self, origin: &str, record: &PoolRecord, ttl: Duration) -> Result<(), StoreError> {

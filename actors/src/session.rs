@@ -17,7 +17,7 @@
 //! session idle in this process only leaves this process's memory: the store expires the pair
 //! once no process has used it for `idle_timeout`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix::dev::{MessageResponse, OneshotSender};
@@ -27,7 +27,7 @@ use api_relay_protocol::{ClientId, PairId, PairKeys, ProtocolError};
 use thiserror::Error;
 
 use crate::snapshot::unix_now;
-use crate::store::SeqCheck;
+use crate::store::{SeqCheck, StoreError};
 use crate::{PairSnapshot, Role, SessionRegistry};
 
 /// Sequence numbers relay A reserves from a shared store at once. A process that stops skips
@@ -36,6 +36,9 @@ pub const SEQ_BLOCK: u64 = 64;
 
 /// Replay window of a pair whose snapshot carries none (the protocol default).
 const DEFAULT_WINDOW: u64 = 1024;
+
+/// Most sequence numbers relay B sends to a shared store in one replay check.
+pub const MAX_CHECK_BATCH: usize = 128;
 
 /// Relay A asks for the next `seq` of this pair. Replies with the exchange to seal, or an error
 /// when the pair must be replaced.
@@ -55,6 +58,11 @@ pub struct AcceptSeq {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 struct CheckExpiry;
+
+/// Relay B with a shared store: start the replay check of the waiting numbers, unless one runs.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct CheckWaiting;
 
 /// What one exchange needs from its session.
 #[derive(Debug, Clone)]
@@ -113,9 +121,20 @@ pub struct PeerSession {
     reserved_last: u64,
     /// Relay A with a shared store: when the pair's lifetime in the store was last set.
     refreshed: Instant,
+    /// Relay B with a shared store: numbers waiting for the replay check, with their callers.
+    waiting: Waiting,
+    /// Relay B with a shared store: a replay check is running in the store.
+    checking: bool,
+    /// Relay B with a shared store: a `CheckWaiting` message is queued.
+    check_due: bool,
 }
 
 type Reply = Result<Exchange, SessionError>;
+
+/// Numbers waiting for the replay check and where each outcome goes. The session and the replies
+/// of its `AcceptSeq` handler share it: the handler runs before actix hands the reply its
+/// sender, so the reply adds the sender itself.
+type Waiting = Arc<Mutex<Vec<(u64, OneshotSender<Reply>)>>>;
 
 impl PeerSession {
     pub fn new(
@@ -136,6 +155,9 @@ impl PeerSession {
             reserved_next: 1,
             reserved_last: 0,
             refreshed: Instant::now(),
+            waiting: Waiting::default(),
+            checking: false,
+            check_due: false,
         }
     }
 
@@ -164,6 +186,7 @@ impl PeerSession {
     fn expire(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair expired");
         self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
+        self.answer_waiting(|| Err(SessionError::Expired));
         ctx.stop();
     }
 
@@ -171,7 +194,23 @@ impl PeerSession {
     fn evict(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair left memory");
         self.registry.evict(self.snapshot.pair_id, self.snapshot.role, self.serial);
+        self.answer_waiting(|| Err(SessionError::Expired));
         ctx.stop();
+    }
+
+    /// Takes up to `limit` waiting numbers with their callers, oldest first.
+    fn take_waiting(&self, limit: usize) -> Vec<(u64, OneshotSender<Reply>)> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = waiting.len().min(limit);
+        waiting.drain(..count).collect()
+    }
+
+    /// Answers every waiting caller with `reply()`: the session stops, so no check will run.
+    fn answer_waiting(&self, reply: impl Fn() -> Reply) {
+        for (_, sender) in self.take_waiting(usize::MAX) {
+            // A caller that stopped waiting drops the answer.
+            let _ = sender.send(reply());
+        }
     }
 
     /// Relay A with a shared store: sets the pair's lifetime in the store again after use, so
@@ -226,44 +265,107 @@ impl PeerSession {
         SeqReply::Atomic(AtomicResponse::new(Box::pin(handled)))
     }
 
-    /// Relay B with a shared store: the store's atomic replay check of `seq`.
+    /// Relay B with a shared store: queues `seq` for the store's atomic replay check, which runs
+    /// once the current message is handled, or after the check that is running now.
     fn accept_shared(&mut self, seq: u64, ctx: &mut Context<Self>) -> SeqReply {
         let ttl = self.limits.store_ttl(self.snapshot.created_at);
-        let Some(ttl) = ttl.filter(|_| !self.worn_out() && seq <= self.limits.max_exchanges) else {
+        if ttl.is_none() || self.worn_out() || seq > self.limits.max_exchanges {
             self.expire(ctx);
             return SeqReply::Now(Err(SessionError::Expired));
+        }
+        if !self.checking && !self.check_due {
+            self.check_due = true;
+            ctx.notify(CheckWaiting);
+        }
+        SeqReply::Wait { seq, waiting: Arc::clone(&self.waiting) }
+    }
+
+    /// Relay B with a shared store: sends the waiting numbers to the store in one replay check
+    /// and answers their callers when it returns; then checks the numbers that came meanwhile.
+    fn check_waiting(&mut self, ctx: &mut Context<Self>) {
+        let batch = self.take_waiting(MAX_CHECK_BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else {
+            for (_, sender) in batch {
+                let _ = sender.send(Err(SessionError::Expired));
+            }
+            self.expire(ctx);
+            return;
         };
+        self.checking = true;
         let store = Arc::clone(self.registry.store());
         let pair_id = self.snapshot.pair_id;
         let window = self.snapshot.window.as_ref().map_or(DEFAULT_WINDOW, ReplayWindow::size);
-        let check = async move { store.accept_seq(&pair_id, seq, window, ttl).await };
-        SeqReply::Concurrent(Box::pin(check.into_actor(self).map(move |result, session, ctx| match result {
-            Ok(SeqCheck::Accepted) => Ok(session.exchange(seq)),
-            Ok(SeqCheck::Replayed) => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
-            Ok(SeqCheck::Stale) => Err(SessionError::Replay(ProtocolError::Stale { seq })),
-            Ok(SeqCheck::PairNotFound) => {
-                session.evict(ctx);
-                Err(SessionError::Expired)
+        let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+        let check = async move { store.accept_seqs(&pair_id, &seqs, window, ttl).await };
+        ctx.spawn(check.into_actor(self).map(move |result, session, ctx| {
+            session.checking = false;
+            session.answer_batch(batch, result, ctx);
+            if ctx.state().alive() {
+                session.check_waiting(ctx);
             }
-            Err(error) => Err(SessionError::Store(error.to_string())),
-        })))
+        }));
+    }
+
+    /// Answers the callers of one replay check, in the order the store returned the outcomes.
+    fn answer_batch(
+        &mut self,
+        batch: Vec<(u64, OneshotSender<Reply>)>,
+        result: Result<Vec<SeqCheck>, StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let outcomes = match result {
+            Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
+            failed => {
+                let reason = match failed {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "replay check returned the wrong number of outcomes".to_owned(),
+                };
+                for (_, sender) in batch {
+                    let _ = sender.send(Err(SessionError::Store(reason.clone())));
+                }
+                return;
+            }
+        };
+        let mut gone = false;
+        for ((seq, sender), outcome) in batch.into_iter().zip(outcomes) {
+            let reply = match outcome {
+                SeqCheck::Accepted => Ok(self.exchange(seq)),
+                SeqCheck::Replayed => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
+                SeqCheck::Stale => Err(SessionError::Replay(ProtocolError::Stale { seq })),
+                SeqCheck::PairNotFound => {
+                    gone = true;
+                    Err(SessionError::Expired)
+                }
+            };
+            // A caller that stopped waiting drops the answer.
+            let _ = sender.send(reply);
+        }
+        // Expired in the store (idle or too old) or removed by another process.
+        if gone {
+            self.evict(ctx);
+        }
     }
 }
 
-/// A session's reply to `AllocateSeq` or `AcceptSeq`: sent at once, or after a store call.
+/// A session's reply to `AllocateSeq` or `AcceptSeq`: sent at once, after a store call, or
+/// after the replay check the `seq` waits for.
 ///
 /// A reply known at once is sent before the handler returns, so it arrives even when the
 /// session stops in the same step (an expired pair). Actix drops the futures of a stopping
-/// actor, so a future reply would be lost there.
+/// actor, so a future reply would be lost there; a stopping session answers its waiting callers
+/// before it stops.
 pub enum SeqReply {
     /// Sent at once.
     Now(Reply),
     /// After a store call that holds back the session's other messages (relay A's block
     /// reservation, so concurrent allocations wait for one block instead of reserving many).
     Atomic(AtomicResponse<PeerSession, Reply>),
-    /// After a store call that runs beside the session's other messages (relay B's replay
-    /// check, which the store makes atomic).
-    Concurrent(ResponseActFuture<PeerSession, Reply>),
+    /// After relay B's replay check in a shared store: the caller waits in `waiting` until the
+    /// session's next check answers it.
+    Wait { seq: u64, waiting: Waiting },
 }
 
 impl<M: Message<Result = Reply>> MessageResponse<PeerSession, M> for SeqReply {
@@ -276,7 +378,13 @@ impl<M: Message<Result = Reply>> MessageResponse<PeerSession, M> for SeqReply {
                 }
             }
             SeqReply::Atomic(response) => MessageResponse::<PeerSession, M>::handle(response, ctx, tx),
-            SeqReply::Concurrent(future) => MessageResponse::<PeerSession, M>::handle(future, ctx, tx),
+            SeqReply::Wait { seq, waiting } => {
+                // A message sent with `do_send` has no sender; its seq is not checked either, so
+                // the window keeps it free for a later copy.
+                if let Some(tx) = tx {
+                    waiting.lock().unwrap_or_else(PoisonError::into_inner).push((seq, tx));
+                }
+            }
         }
     }
 }
@@ -303,6 +411,17 @@ impl Handler<CheckExpiry> for PeerSession {
             self.expire(ctx);
         } else if self.shared && self.snapshot.role == Role::Outbound && self.last_used > self.refreshed {
             self.refresh(ctx);
+        }
+    }
+}
+
+impl Handler<CheckWaiting> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, _: CheckWaiting, ctx: &mut Self::Context) {
+        self.check_due = false;
+        if !self.checking {
+            self.check_waiting(ctx);
         }
     }
 }

@@ -6,9 +6,9 @@
 //! `RedisStore` (see [`crate::redis_store`]) is shared by several relay processes.
 //!
 //! Sessions of an unshared store keep `seq` and the replay window in the session actor and never
-//! call [`StateStore::reserve_seqs`] or [`StateStore::accept_seq`]. Sessions of a shared store
-//! call them for every block of sequence numbers (relay A) and every exchange (relay B), because
-//! another process may use the same pair at the same time.
+//! call [`StateStore::reserve_seqs`] or [`StateStore::accept_seqs`]. Sessions of a shared store
+//! call them for every block of sequence numbers (relay A) and every batch of exchanges (relay
+//! B), because another process may use the same pair at the same time.
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -114,15 +114,33 @@ pub trait StateStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Option<RangeInclusive<u64>>, StoreError>;
 
-    /// Relay B: checks `seq` against the pair's replay window and marks it, as one atomic step.
-    /// `window` is the window size in sequence numbers, a multiple of 64.
+    /// Relay B: checks each of `seqs` in turn against the pair's replay window and marks it, as
+    /// one atomic step, and returns one outcome per number in the same order. `window` is the
+    /// window size in sequence numbers, a multiple of 64. A session sends the numbers of all
+    /// exchanges that arrived while its previous check ran, so a busy pair costs one store round
+    /// trip per batch rather than one per exchange.
+    async fn accept_seqs(
+        &self,
+        pair_id: &PairId,
+        seqs: &[u64],
+        window: u64,
+        ttl: Duration,
+    ) -> Result<Vec<SeqCheck>, StoreError>;
+
+    /// Relay B: [`StateStore::accept_seqs`] for one number.
     async fn accept_seq(
         &self,
         pair_id: &PairId,
         seq: u64,
         window: u64,
         ttl: Duration,
-    ) -> Result<SeqCheck, StoreError>;
+    ) -> Result<SeqCheck, StoreError> {
+        let checks = self.accept_seqs(pair_id, &[seq], window, ttl).await?;
+        checks
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Unavailable("replay check returned no outcome".into()))
+    }
 
     /// Relay A: stores the pairs of one peer origin, replacing the previous record.
     async fn save_pool(&self, origin: &str, record: &PoolRecord, ttl: Duration) -> Result<(), StoreError>;
@@ -222,22 +240,23 @@ impl StateStore for MemoryStore {
         Ok(Some(first..=pair.reserved))
     }
 
-    async fn accept_seq(
+    async fn accept_seqs(
         &self,
         pair_id: &PairId,
-        seq: u64,
+        seqs: &[u64],
         _window: u64,
         _ttl: Duration,
-    ) -> Result<SeqCheck, StoreError> {
+    ) -> Result<Vec<SeqCheck>, StoreError> {
         let mut state = self.state();
         let Some(pair) = state.pairs.get_mut(&(*pair_id, Role::Inbound)) else {
-            return Ok(SeqCheck::PairNotFound);
+            return Ok(vec![SeqCheck::PairNotFound; seqs.len()]);
         };
-        Ok(match pair.window.check_and_mark(seq) {
+        let mut check = |seq| match pair.window.check_and_mark(seq) {
             Ok(()) => SeqCheck::Accepted,
             Err(ProtocolError::Replayed { .. }) => SeqCheck::Replayed,
             Err(_) => SeqCheck::Stale,
-        })
+        };
+        Ok(seqs.iter().map(|&seq| check(seq)).collect())
     }
 
     async fn save_pool(&self, origin: &str, record: &PoolRecord, _ttl: Duration) -> Result<(), StoreError> {

@@ -311,6 +311,36 @@ async fn inbound_sessions_of_two_processes_accept_each_seq_once() {
     assert_eq!(accepted, 200, "each of the 200 seqs must be accepted exactly once");
 }
 
+/// 3000 sequence numbers for a window of `size`, from a fixed linear congruential sequence so a
+/// failure repeats: mostly small steps forward and back around the highest seq, sometimes a jump
+/// past the whole window.
+fn replay_steps(size: u64) -> Vec<u64> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ size;
+    let mut base: u64 = 1;
+    let mut steps = Vec::with_capacity(3000);
+    for _ in 0..3000 {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let roll = state >> 33;
+        let seq = match roll % 10 {
+            0 => base + size + roll % (2 * size),
+            1..=5 => base + roll % 8,
+            _ => base.saturating_sub(roll % (size + 16)).max(1),
+        };
+        base = base.max(seq);
+        steps.push(seq);
+    }
+    steps
+}
+
+/// What the in-memory replay window says about `seq`, marking it when accepted.
+fn expected_check(window: &mut ReplayWindow, seq: u64) -> SeqCheck {
+    match window.check_and_mark(seq) {
+        Ok(()) => SeqCheck::Accepted,
+        Err(ProtocolError::Replayed { .. }) => SeqCheck::Replayed,
+        Err(_) => SeqCheck::Stale,
+    }
+}
+
 #[actix::test]
 async fn replay_check_matches_in_memory_window() {
     let server = RedisServer::start();
@@ -319,28 +349,89 @@ async fn replay_check_matches_in_memory_window() {
         let pair = snapshot(Role::Inbound);
         store.save_pair(&pair, LONG).await.unwrap();
         let mut expected = ReplayWindow::new(size);
-        // A fixed linear congruential sequence, so a failure repeats: mostly small steps
-        // forward and back around the highest seq, sometimes a jump past the whole window.
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ size;
-        let mut base: u64 = 1;
-        for step in 0..3000 {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            let roll = state >> 33;
-            let seq = match roll % 10 {
-                0 => base + size + roll % (2 * size),
-                1..=5 => base + roll % 8,
-                _ => base.saturating_sub(roll % (size + 16)).max(1),
-            };
-            base = base.max(seq);
-            let want = match expected.check_and_mark(seq) {
-                Ok(()) => SeqCheck::Accepted,
-                Err(ProtocolError::Replayed { .. }) => SeqCheck::Replayed,
-                Err(_) => SeqCheck::Stale,
-            };
+        for (step, seq) in replay_steps(size).into_iter().enumerate() {
+            let want = expected_check(&mut expected, seq);
             let got = store.accept_seq(&pair.pair_id, seq, size, LONG).await.unwrap();
             assert_eq!(got, want, "window {size}, step {step}, seq {seq}");
         }
     }
+}
+
+#[actix::test]
+async fn batched_replay_check_matches_in_memory_window() {
+    let server = RedisServer::start();
+    let store = store(&server);
+    for size in [64u64, 1024] {
+        let pair = snapshot(Role::Inbound);
+        store.save_pair(&pair, LONG).await.unwrap();
+        let mut expected = ReplayWindow::new(size);
+        let mut steps = replay_steps(size);
+        // Numbers the script cannot hold exactly, and a repeat inside one batch.
+        steps.splice(100..100, [0, u64::MAX, 1 << 60, steps[99]]);
+        // Batches of 1 to 37 numbers, so window moves and repeats fall inside batches and
+        // across their edges.
+        let mut rest = steps.as_slice();
+        let mut batch_size = 1;
+        while !rest.is_empty() {
+            let (batch, tail) = rest.split_at(batch_size.min(rest.len()));
+            rest = tail;
+            batch_size = batch_size % 37 + 1;
+            // The store treats numbers above 2^53 as stale without marking them; the in-memory
+            // window would take them, and no pair lives that long.
+            let want: Vec<SeqCheck> = batch
+                .iter()
+                .map(|&seq| match seq > 1 << 53 {
+                    true => SeqCheck::Stale,
+                    false => expected_check(&mut expected, seq),
+                })
+                .collect();
+            let got = store.accept_seqs(&pair.pair_id, batch, size, LONG).await.unwrap();
+            assert_eq!(got, want, "window {size}, batch {batch:?}");
+        }
+    }
+    let missing = PairId::random();
+    assert_eq!(
+        store.accept_seqs(&missing, &[1, 2, 0], 1024, LONG).await.unwrap(),
+        [SeqCheck::PairNotFound, SeqCheck::PairNotFound, SeqCheck::PairNotFound],
+        "every number of an unknown pair is answered"
+    );
+}
+
+/// Calls of the replay check script Redis has run: `EVALSHA`, plus `EVAL` after a restart.
+async fn script_calls(server: &RedisServer) -> u64 {
+    let mut connection = raw_connection(server).await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.unwrap();
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[actix::test]
+async fn concurrent_seqs_of_one_session_share_replay_checks() {
+    let server = RedisServer::start();
+    let registry = SessionRegistry::new(store(&server), limits());
+    let pair = registry.insert(snapshot(Role::Inbound)).await.unwrap();
+    pair.addr.send(AcceptSeq { seq: 1 }).await.unwrap().unwrap();
+    let before = script_calls(&server).await;
+
+    // 300 numbers, each sent twice, all at once.
+    let requests =
+        (2..=301u64).flat_map(|seq| [pair.addr.send(AcceptSeq { seq }), pair.addr.send(AcceptSeq { seq })]);
+    let replies = join_all(requests).await;
+    let calls = script_calls(&server).await - before;
+
+    let mut accepted = BTreeSet::new();
+    for reply in replies {
+        match reply.expect("session stopped") {
+            Ok(exchange) => assert!(accepted.insert(exchange.seq), "seq {} accepted twice", exchange.seq),
+            Err(SessionError::Replay(ProtocolError::Replayed { .. })) => {}
+            Err(other) => panic!("unexpected rejection {other:?}"),
+        }
+    }
+    assert_eq!(accepted, (2..=301).collect::<BTreeSet<u64>>(), "each seq accepted exactly once");
+    assert!(calls <= 60, "600 checks took {calls} script calls; they were not batched");
+    assert!(calls >= 5, "600 checks took {calls} script calls, fewer than {} batches", 600 / 128);
 }
 
 #[actix::test]

@@ -1,5 +1,6 @@
--- Checks one sequence number of relay B against a pair's replay window and marks it, in one
--- atomic step, so two relay B processes can never both accept the same number.
+-- Checks sequence numbers of relay B against a pair's replay window and marks them, in one
+-- atomic step, so two relay B processes can never both accept the same number. The numbers are
+-- checked in the order given; each gets its own outcome, exactly as one call per number would.
 --
 -- The window is the highest accepted number (field `highest` of the pair record) plus a bitmap
 -- of `size` bits used as a ring: bit `seq % size` stands for `seq`. A number above `highest`
@@ -15,23 +16,26 @@
 --
 -- KEYS[1]  the pair record (a hash)
 -- KEYS[2]  the pair's replay bitmap (a string)
--- ARGV[1]  seq, at least 1
--- ARGV[2]  window size in bits, a multiple of 8
--- ARGV[3]  time to live in milliseconds, set on both keys
+-- ARGV[1]  window size in bits, a multiple of 8
+-- ARGV[2]  time to live in milliseconds, set on both keys
+-- ARGV[3..] the sequence numbers, each at least 1
 --
--- Returns 1 accepted, 0 replayed, -1 stale, -2 no such pair.
+-- Returns one outcome per number: 1 accepted, 0 replayed, -1 stale. Returns the single number
+-- -2 when there is no such pair.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return -2
 end
-local seq = tonumber(ARGV[1])
-local size = tonumber(ARGV[2])
+local size = tonumber(ARGV[1])
 local fields = redis.call('HMGET', KEYS[1], 'highest', 'floor')
-local highest = tonumber(fields[1] or '0')
+-- Numbers are written back as the decimal text they arrived in: Lua would print a large double
+-- in exponent form.
+local highest_text = fields[1] or '0'
+local highest = tonumber(highest_text)
 local floor = tonumber(fields[2] or '0')
 
 if highest > floor and redis.call('EXISTS', KEYS[2]) == 0 then
   floor = highest
-  redis.call('HSET', KEYS[1], 'floor', floor)
+  redis.call('HSET', KEYS[1], 'floor', highest_text)
 end
 
 -- Clears `count` ring positions, starting at the one of number `first`: single bits up to a
@@ -59,26 +63,38 @@ local function clear(first, count)
   end
 end
 
-local result
-if seq <= floor then
-  result = -1
-elseif seq > highest then
-  if seq - highest >= size then
-    redis.call('DEL', KEYS[2])
-  else
-    clear(highest + 1, seq - highest - 1)
+-- Checks and marks one number, given as decimal text; returns its outcome.
+local function check(text)
+  local seq = tonumber(text)
+  if seq <= floor then
+    return -1
+  elseif seq > highest then
+    if seq - highest >= size then
+      redis.call('DEL', KEYS[2])
+    else
+      clear(highest + 1, seq - highest - 1)
+    end
+    redis.call('SETBIT', KEYS[2], seq % size, 1)
+    highest = seq
+    highest_text = text
+    return 1
+  elseif highest - seq >= size then
+    return -1
+  elseif redis.call('GETBIT', KEYS[2], seq % size) == 1 then
+    return 0
   end
   redis.call('SETBIT', KEYS[2], seq % size, 1)
-  redis.call('HSET', KEYS[1], 'highest', ARGV[1])
-  result = 1
-elseif highest - seq >= size then
-  result = -1
-elseif redis.call('GETBIT', KEYS[2], seq % size) == 1 then
-  result = 0
-else
-  redis.call('SETBIT', KEYS[2], seq % size, 1)
-  result = 1
+  return 1
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return result
+
+local outcomes = {}
+local before = highest
+for i = 3, #ARGV do
+  outcomes[#outcomes + 1] = check(ARGV[i])
+end
+if highest ~= before then
+  redis.call('HSET', KEYS[1], 'highest', highest_text)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return outcomes
