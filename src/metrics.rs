@@ -7,7 +7,8 @@ use std::time::Duration;
 use actix_web::HttpMessage;
 use actix_web::HttpRequest;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::error::RelayCode;
@@ -60,6 +61,71 @@ pub struct RelayMetrics {
     store_give_ups: IntCounter,
     /// Supervisor counts already added to the two counters above.
     store_seen: std::sync::Mutex<(u64, u64)>,
+    hot: HotSeries,
+}
+
+/// Status classes of `relay_requests_total`, in the order [`status_class`] numbers them.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const ROLES: [Role; 3] = [Role::Outbound, Role::Inbound, Role::Local];
+const DIRECTIONS: [BodyDirection; 2] = [BodyDirection::Request, BodyDirection::Response];
+
+/// The series every request updates, looked up once at start-up: a lookup by label values
+/// hashes the values and takes a lock each time.
+struct HotSeries {
+    /// By role, then status class.
+    requests: [[IntCounter; 5]; 3],
+    /// By role.
+    request_duration: [Histogram; 3],
+    upstream_duration: Histogram,
+    /// By role (outbound, inbound), then direction.
+    body_bytes: [[IntCounter; 2]; 2],
+}
+
+impl HotSeries {
+    fn new(
+        requests: &IntCounterVec,
+        request_duration: &HistogramVec,
+        upstream_duration: &HistogramVec,
+        body_bytes: &IntCounterVec,
+    ) -> Self {
+        Self {
+            requests: ROLES
+                .map(|role| STATUS_CLASSES.map(|class| requests.with_label_values(&[role.as_str(), class]))),
+            request_duration: ROLES.map(|role| request_duration.with_label_values(&[role.as_str()])),
+            upstream_duration: upstream_duration.with_label_values::<&str>(&[]),
+            body_bytes: [Role::Outbound, Role::Inbound].map(|role| {
+                DIRECTIONS.map(|direction| body_bytes.with_label_values(&[role.as_str(), direction.as_str()]))
+            }),
+        }
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Outbound => 0,
+        Role::Inbound => 1,
+        Role::Local => 2,
+    }
+}
+
+/// Index of `status`'s class in [`STATUS_CLASSES`].
+fn status_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+impl BodyDirection {
+    fn as_str(self) -> &'static str {
+        match self {
+            BodyDirection::Request => "request",
+            BodyDirection::Response => "response",
+        }
+    }
 }
 
 impl RelayMetrics {
@@ -74,27 +140,29 @@ impl RelayMetrics {
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
         };
+        let requests =
+            counter(REQUESTS_TOTAL, "Requests served, by role and status class.", &["role", "status_class"])?;
+        let request_duration = histogram(
+            REQUEST_DURATION_SECONDS,
+            "Time until the response head was ready, by role.",
+            &["role"],
+        )?;
+        let upstream_duration = histogram(
+            UPSTREAM_DURATION_SECONDS,
+            "Time the upstream API took to return its response head to relay B.",
+            &[],
+        )?;
+        let body_bytes = counter(
+            BODY_BYTES_TOTAL,
+            "Plaintext body bytes sealed or opened, by role and direction (request, response).",
+            &["role", "direction"],
+        )?;
+        let hot = HotSeries::new(&requests, &request_duration, &upstream_duration, &body_bytes);
         let metrics = Self {
-            requests: counter(
-                REQUESTS_TOTAL,
-                "Requests served, by role and status class.",
-                &["role", "status_class"],
-            )?,
-            request_duration: histogram(
-                REQUEST_DURATION_SECONDS,
-                "Time until the response head was ready, by role.",
-                &["role"],
-            )?,
-            upstream_duration: histogram(
-                UPSTREAM_DURATION_SECONDS,
-                "Time the upstream API took to return its response head to relay B.",
-                &[],
-            )?,
-            body_bytes: counter(
-                BODY_BYTES_TOTAL,
-                "Plaintext body bytes sealed or opened, by role and direction (request, response).",
-                &["role", "direction"],
-            )?,
+            requests,
+            request_duration,
+            upstream_duration,
+            body_bytes,
             relay_errors: counter(
                 RELAY_ERRORS_TOTAL,
                 "Relay errors (559-569) sent by relay B or received by relay A, by code name.",
@@ -142,6 +210,7 @@ impl RelayMetrics {
                 "Times the state store supervisor gave up reconnecting and was restarted.",
             )?,
             store_seen: std::sync::Mutex::new((0, 0)),
+            hot,
             registry,
         };
         metrics.register_all()?;
@@ -153,18 +222,7 @@ impl RelayMetrics {
     /// exported from start-up. Without this, a dashboard query for a family that has not moved
     /// yet returns no data, and `rate` or `increase` misses the first event of a series.
     fn initialize_known_series(&self) {
-        let roles = [Role::Outbound, Role::Inbound, Role::Local];
-        for role in roles {
-            self.request_duration.with_label_values(&[role.as_str()]);
-            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-                self.requests.with_label_values(&[role.as_str(), class]);
-            }
-        }
-        self.upstream_duration.with_label_values::<&str>(&[]);
-        for role in [Role::Outbound, Role::Inbound] {
-            self.body_bytes(role, BodyDirection::Request);
-            self.body_bytes(role, BodyDirection::Response);
-        }
+        // Request counts, durations and body bytes exist already: `HotSeries` created them.
         for (code, _) in RelayCode::ALL {
             self.relay_errors.with_label_values(&[code.name()]);
         }
@@ -211,28 +269,26 @@ impl RelayMetrics {
     }
 
     pub fn request_done(&self, role: Role, status: u16, elapsed: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.requests.with_label_values(&[role.as_str(), class]).inc();
-        self.request_duration.with_label_values(&[role.as_str()]).observe(elapsed.as_secs_f64());
+        let role = role_index(role);
+        self.hot.requests[role][status_class(status)].inc();
+        self.hot.request_duration[role].observe(elapsed.as_secs_f64());
     }
 
     pub fn upstream_duration(&self, elapsed: Duration) {
-        self.upstream_duration.with_label_values::<&str>(&[]).observe(elapsed.as_secs_f64());
+        self.hot.upstream_duration.observe(elapsed.as_secs_f64());
     }
 
     /// The counter of plaintext body bytes for one role and direction, to update while streaming.
     pub fn body_bytes(&self, role: Role, direction: BodyDirection) -> IntCounter {
-        let direction = match direction {
-            BodyDirection::Request => "request",
-            BodyDirection::Response => "response",
+        let index = match direction {
+            BodyDirection::Request => 0,
+            BodyDirection::Response => 1,
         };
-        self.body_bytes.with_label_values(&[role.as_str(), direction])
+        match role {
+            Role::Outbound => self.hot.body_bytes[0][index].clone(),
+            Role::Inbound => self.hot.body_bytes[1][index].clone(),
+            Role::Local => self.body_bytes.with_label_values(&[role.as_str(), direction.as_str()]),
+        }
     }
 
     /// Counts a relay error, and a rejected replay or a tampered message where the code says so.

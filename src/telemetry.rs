@@ -1,10 +1,12 @@
 //! Logging: JSON lines on stdout by default (log drivers such as CloudWatch's read stdout), or
 //! human-readable with `LOG_FORMAT=pretty`; `DEBUG=true` adds per-exchange debug records.
 //!
-//! `RequestLog` gives tracing-actix-web one span per request and writes one record when the
-//! request ends: method, route template (`*` for a relayed exchange), status, latency, role and
-//! request id. It records no
-//! URL, header value or body, so nothing sealed ever reaches a log.
+//! `RequestLog` writes one record when a request ends: method, route template (`*` for a relayed
+//! exchange), status, latency, role and request id. It records no URL, header value or body, so
+//! nothing sealed ever reaches a log. It gives tracing-actix-web a span per request only when
+//! debug records are on, to tie them to their request.
+
+mod json;
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -54,9 +56,7 @@ pub fn init_at(format: LogFormat, level: &str) -> WorkerGuard {
     let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests or the demo starting twice) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Json => {
-            registry.with(layer.json().with_current_span(false).with_span_list(false)).try_init()
-        }
+        LogFormat::Json => registry.with(layer.event_format(json::JsonLines)).try_init(),
         LogFormat::Pretty => {
             registry.with(layer.pretty().with_ansi(std::io::stdout().is_terminal())).try_init()
         }
@@ -95,6 +95,11 @@ pub struct RequestLog;
 impl RootSpanBuilder for RequestLog {
     fn on_request_start(request: &ServiceRequest) -> Span {
         request.extensions_mut().insert(Started(Instant::now()));
+        // The record at the end carries every field itself. A span costs work on each poll of
+        // the request, so it exists only where debug records need it for context.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return Span::none();
+        }
         let request_id = request.extensions().get::<RequestId>().map(ToString::to_string).unwrap_or_default();
         tracing::info_span!("request", method = %request.method(), request_id = %request_id)
     }
