@@ -173,6 +173,9 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             .configure(routes::local)
     })
     .workers(config.workers)
+    // Responses go out as soon as they are written: with Nagle's algorithm, the last segment
+    // of a response would wait for the client's delayed acknowledgement.
+    .tcp_nodelay(true)
     .keep_alive(config.keep_alive)
     .client_request_timeout(config.client_request_timeout)
     .max_connections(config.max_connections)

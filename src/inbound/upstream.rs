@@ -25,6 +25,10 @@ use crate::error::RelayError;
 /// common application servers (Node.js, Gunicorn), so relay B never reuses a connection the
 /// upstream is about to close.
 const IDLE_SECS: u64 = 4;
+/// Most bytes one read from an upstream connection takes, and so the largest body chunk. hyper
+/// would grow its read buffer to about 400 KiB on large bodies; each chunk waits in the sealing
+/// stream until it is cut into records, so smaller chunks keep relay B's memory flat.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Request body chunks buffered between the opening stream and the connection.
 const BODY_CHANNEL_CHUNKS: usize = 4;
 
@@ -58,6 +62,7 @@ impl UpstreamClient {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(IDLE_SECS))
+            .http1_max_buf_size(READ_BUFFER_BYTES)
             .build(https);
         Self { client, timeout }
     }
