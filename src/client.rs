@@ -42,8 +42,8 @@ impl HopClients {
 
 fn build(config: &Config, tls: &Arc<rustls::ClientConfig>, idle_secs: u64) -> awc::Client {
     // Nagle's algorithm holds back the last partial segment of a request body until relay B
-    // acknowledges the data before it, and relay B delays that acknowledgement by up to 40 ms;
-    // awc leaves it on, so each connection turns it off.
+    // acknowledges the data before it, and relay B may delay that acknowledgement by 40 ms.
+    // awc leaves the algorithm on, so each new connection turns it off.
     let tcp = TcpConnector::new(Resolver::default()).service().map(|connection: TcpConnection<_, TcpStream>| {
         if let Err(error) = connection.io_ref().set_nodelay(true) {
             tracing::debug!(%error, "could not turn off Nagle's algorithm on a connection to the peer relay");

@@ -69,8 +69,8 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const ROLES: [Role; 3] = [Role::Outbound, Role::Inbound, Role::Local];
 const DIRECTIONS: [BodyDirection; 2] = [BodyDirection::Request, BodyDirection::Response];
 
-/// The series every request updates, looked up once at start-up: a lookup by label values
-/// hashes the values and takes a lock each time.
+/// The series every request updates, looked up once at start-up, because a lookup by label
+/// values hashes the values and takes a lock each time.
 struct HotSeries {
     /// By role, then status class.
     requests: [[IntCounter; 5]; 3],

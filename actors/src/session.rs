@@ -37,7 +37,7 @@ pub const SEQ_BLOCK: u64 = 64;
 /// Replay window of a pair whose snapshot carries none (the protocol default).
 const DEFAULT_WINDOW: u64 = 1024;
 
-/// Most sequence numbers relay B sends to a shared store in one replay check.
+/// Maximum number of sequence numbers relay B sends to a shared store in one replay check.
 pub const MAX_CHECK_BATCH: usize = 128;
 
 /// Relay A asks for the next `seq` of this pair. Replies with the exchange to seal, or an error
@@ -186,7 +186,7 @@ impl PeerSession {
     fn expire(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair expired");
         self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
-        self.answer_waiting(|| Err(SessionError::Expired));
+        self.reply_to_waiting(|| Err(SessionError::Expired));
         ctx.stop();
     }
 
@@ -194,7 +194,7 @@ impl PeerSession {
     fn evict(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair left memory");
         self.registry.evict(self.snapshot.pair_id, self.snapshot.role, self.serial);
-        self.answer_waiting(|| Err(SessionError::Expired));
+        self.reply_to_waiting(|| Err(SessionError::Expired));
         ctx.stop();
     }
 
@@ -205,10 +205,10 @@ impl PeerSession {
         waiting.drain(..count).collect()
     }
 
-    /// Answers every waiting caller with `reply()`: the session stops, so no check will run.
-    fn answer_waiting(&self, reply: impl Fn() -> Reply) {
+    /// Sends `reply()` to every waiting caller, because the session stops and no check will run.
+    fn reply_to_waiting(&self, reply: impl Fn() -> Reply) {
         for (_, sender) in self.take_waiting(usize::MAX) {
-            // A caller that stopped waiting drops the answer.
+            // A caller that stopped waiting drops the reply.
             let _ = sender.send(reply());
         }
     }
@@ -281,7 +281,7 @@ impl PeerSession {
     }
 
     /// Relay B with a shared store: sends the waiting numbers to the store in one replay check
-    /// and answers their callers when it returns; then checks the numbers that came meanwhile.
+    /// and replies to their callers when it returns. Then it checks the numbers that came meanwhile.
     fn check_waiting(&mut self, ctx: &mut Context<Self>) {
         let batch = self.take_waiting(MAX_CHECK_BATCH);
         if batch.is_empty() {
@@ -302,15 +302,15 @@ impl PeerSession {
         let check = async move { store.accept_seqs(&pair_id, &seqs, window, ttl).await };
         ctx.spawn(check.into_actor(self).map(move |result, session, ctx| {
             session.checking = false;
-            session.answer_batch(batch, result, ctx);
+            session.reply_to_batch(batch, result, ctx);
             if ctx.state().alive() {
                 session.check_waiting(ctx);
             }
         }));
     }
 
-    /// Answers the callers of one replay check, in the order the store returned the outcomes.
-    fn answer_batch(
+    /// Replies to the callers of one replay check, in the order the store returned the outcomes.
+    fn reply_to_batch(
         &mut self,
         batch: Vec<(u64, OneshotSender<Reply>)>,
         result: Result<Vec<SeqCheck>, StoreError>,
@@ -340,7 +340,7 @@ impl PeerSession {
                     Err(SessionError::Expired)
                 }
             };
-            // A caller that stopped waiting drops the answer.
+            // A caller that stopped waiting drops the reply.
             let _ = sender.send(reply);
         }
         // Expired in the store (idle or too old) or removed by another process.
@@ -355,8 +355,8 @@ impl PeerSession {
 ///
 /// A reply known at once is sent before the handler returns, so it arrives even when the
 /// session stops in the same step (an expired pair). Actix drops the futures of a stopping
-/// actor, so a future reply would be lost there; a stopping session answers its waiting callers
-/// before it stops.
+/// actor, so a future reply would be lost there. A stopping session replies to its waiting
+/// callers before it stops.
 pub enum SeqReply {
     /// Sent at once.
     Now(Reply),
@@ -364,7 +364,7 @@ pub enum SeqReply {
     /// reservation, so concurrent allocations wait for one block instead of reserving many).
     Atomic(AtomicResponse<PeerSession, Reply>),
     /// After relay B's replay check in a shared store: the caller waits in `waiting` until the
-    /// session's next check answers it.
+    /// session's next check replies.
     Wait { seq: u64, waiting: Waiting },
 }
 

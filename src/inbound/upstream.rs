@@ -25,9 +25,9 @@ use crate::error::RelayError;
 /// common application servers (Node.js, Gunicorn), so relay B never reuses a connection the
 /// upstream is about to close.
 const IDLE_SECS: u64 = 4;
-/// Most bytes one read from an upstream connection takes, and so the largest body chunk. hyper
-/// would grow its read buffer to about 400 KiB on large bodies; each chunk waits in the sealing
-/// stream until it is cut into records, so smaller chunks keep relay B's memory flat.
+/// Maximum bytes of one read from an upstream connection, and so of one body chunk. Each chunk
+/// waits in the sealing stream until it is cut into records. hyper would grow its read buffer
+/// to about 400 KiB on large bodies, so the cap keeps relay B's memory flat.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Request body chunks buffered between the opening stream and the connection.
 const BODY_CHANNEL_CHUNKS: usize = 4;
