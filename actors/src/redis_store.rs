@@ -474,17 +474,17 @@ impl StateStore for RedisStore {
         window: u64,
         ttl: Duration,
     ) -> Result<Vec<SeqCheck>, StoreError> {
-        // Numbers the script cannot represent exactly are stale without asking; the rest go to
-        // the script in one call, and their outcomes are put back in place.
+        // Numbers the script cannot represent exactly are stale without a call. The rest go to
+        // the script in one call, and their outcomes are put back in their places.
         let checkable = |seq: u64| seq != 0 && seq <= MAX_SCRIPT_SEQ;
         let mut outcomes = vec![SeqCheck::Stale; seqs.len()];
-        let asked: Vec<u64> = seqs.iter().copied().filter(|&seq| checkable(seq)).collect();
-        if asked.is_empty() {
+        let sent: Vec<u64> = seqs.iter().copied().filter(|&seq| checkable(seq)).collect();
+        if sent.is_empty() {
             return Ok(outcomes);
         }
         let window = window.max(64).div_ceil(64) * 64;
         let mut invocation = self.scripts.accept_seqs.key(self.keys.pair(pair_id, Role::Inbound));
-        invocation.key(self.keys.window(pair_id)).arg(window).arg(ttl_millis(ttl)).arg(&asked);
+        invocation.key(self.keys.window(pair_id)).arg(window).arg(ttl_millis(ttl)).arg(&sent);
         let reply: redis::Value =
             self.bounded("accept_seqs", async |connection| invocation.invoke_async(connection).await).await?;
         let unexpected = |what: &str| StoreError::Unavailable(format!("accept_seqs returned {what}"));
@@ -492,7 +492,7 @@ impl StateStore for RedisStore {
             redis::Value::Int(-2) => return Ok(vec![SeqCheck::PairNotFound; seqs.len()]),
             reply => redis::from_redis_value(reply).map_err(|_| unexpected("a value of the wrong type"))?,
         };
-        if answers.len() != asked.len() {
+        if answers.len() != sent.len() {
             return Err(unexpected("the wrong number of outcomes"));
         }
         let slots = outcomes.iter_mut().zip(seqs).filter(|(_, seq)| checkable(**seq));

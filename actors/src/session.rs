@@ -283,17 +283,15 @@ impl PeerSession {
     /// Relay B with a shared store: sends the waiting numbers to the store in one replay check
     /// and replies to their callers when it returns. Then it checks the numbers that came meanwhile.
     fn check_waiting(&mut self, ctx: &mut Context<Self>) {
-        let batch = self.take_waiting(MAX_CHECK_BATCH);
-        if batch.is_empty() {
+        if self.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
             return;
         }
+        // Expiring replies to every waiting caller.
         let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else {
-            for (_, sender) in batch {
-                let _ = sender.send(Err(SessionError::Expired));
-            }
             self.expire(ctx);
             return;
         };
+        let batch = self.take_waiting(MAX_CHECK_BATCH);
         self.checking = true;
         let store = Arc::clone(self.registry.store());
         let pair_id = self.snapshot.pair_id;
@@ -329,14 +327,14 @@ impl PeerSession {
                 return;
             }
         };
-        let mut gone = false;
+        let mut pair_missing = false;
         for ((seq, sender), outcome) in batch.into_iter().zip(outcomes) {
             let reply = match outcome {
                 SeqCheck::Accepted => Ok(self.exchange(seq)),
                 SeqCheck::Replayed => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
                 SeqCheck::Stale => Err(SessionError::Replay(ProtocolError::Stale { seq })),
                 SeqCheck::PairNotFound => {
-                    gone = true;
+                    pair_missing = true;
                     Err(SessionError::Expired)
                 }
             };
@@ -344,7 +342,7 @@ impl PeerSession {
             let _ = sender.send(reply);
         }
         // Expired in the store (idle or too old) or removed by another process.
-        if gone {
+        if pair_missing {
             self.evict(ctx);
         }
     }

@@ -332,7 +332,7 @@ fn replay_steps(size: u64) -> Vec<u64> {
     steps
 }
 
-/// What the in-memory replay window says about `seq`, marking it when accepted.
+/// Returns the in-memory replay window's outcome for `seq`, marking it when accepted.
 fn expected_check(window: &mut ReplayWindow, seq: u64) -> SeqCheck {
     match window.check_and_mark(seq) {
         Ok(()) => SeqCheck::Accepted,

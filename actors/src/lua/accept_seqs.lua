@@ -1,6 +1,7 @@
 -- Checks sequence numbers of relay B against a pair's replay window and marks them, in one
 -- atomic step, so two relay B processes can never both accept the same number. The numbers are
--- checked in the order given; each gets its own outcome, exactly as one call per number would.
+-- checked in the order given, and each gets its own outcome, exactly as one call per number
+-- would.
 --
 -- The window is the highest accepted number (field `highest` of the pair record) plus a bitmap
 -- of `size` bits used as a ring: bit `seq % size` stands for `seq`. A number above `highest`
@@ -27,8 +28,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local size = tonumber(ARGV[1])
 local fields = redis.call('HMGET', KEYS[1], 'highest', 'floor')
--- Numbers are written back as the decimal text they arrived in: Lua would print a large double
--- in exponent form.
+-- Numbers are written back as the decimal text they arrived in, because Lua would print a large
+-- double in exponent form.
 local highest_text = fields[1] or '0'
 local highest = tonumber(highest_text)
 local floor = tonumber(fields[2] or '0')
@@ -63,7 +64,7 @@ local function clear(first, count)
   end
 end
 
--- Checks and marks one number, given as decimal text; returns its outcome.
+-- Checks and marks one number, given as decimal text, and returns its outcome.
 local function check(text)
   local seq = tonumber(text)
   if seq <= floor then
