@@ -7,6 +7,7 @@
 //! debug records are on, to tie them to their request.
 
 mod json;
+mod writer;
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -16,42 +17,33 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{Error, HttpMessage};
 use tracing::Span;
 use tracing_actix_web::{RequestId, RootSpanBuilder};
-use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+pub use self::writer::WriterGuard;
 use crate::config::LogFormat;
 use crate::server::{RelayState, Role};
 
 /// Installs the global subscriber. Keep the returned guard until the process ends: dropping it
 /// flushes the records still queued.
-pub fn init(format: LogFormat, debug: bool) -> WorkerGuard {
+pub fn init(format: LogFormat, debug: bool) -> WriterGuard {
     init_at(format, if debug { "debug" } else { "info" })
 }
 
-/// Bytes of log records the writer thread collects before it writes them to stdout.
-const LOG_BUFFER_BYTES: usize = 64 * 1024;
-
 /// Installs the global subscriber with `level` (`error`, `warn`, `info` or `debug`) as the floor.
 ///
-/// Records go to stdout from a dedicated writer thread, so request handlers do not wait for
-/// stdout. Only when the writer falls behind and its queue is full does logging block, because
-/// the queue never drops records.
-/// The writer thread buffers what is queued and writes it at once when the queue is empty, so
-/// a busy relay makes one write per batch of records instead of one per record, and an idle
-/// relay still writes each record as it comes.
-pub fn init_at(format: LogFormat, level: &str) -> WorkerGuard {
+/// Records go to stdout in batches from a writer thread (see `writer`), so request handlers do
+/// not wait for stdout. Logging blocks only when stdout falls 8 MiB behind, because no record
+/// is dropped.
+pub fn init_at(format: LogFormat, level: &str) -> WriterGuard {
     // A fixed per-target filter: cheaper per record than `EnvFilter`, which also tracks span
     // fields for directives this relay never uses.
     let level = level.parse::<LevelFilter>().unwrap_or(LevelFilter::INFO);
     let filter = Targets::new().with_default(level).with_targets(
         ["actix_server", "actix_http", "awc", "h2", "rustls"].map(|target| (target, LevelFilter::WARN)),
     );
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("api-relay-log")
-        .finish(std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stdout()));
+    let (writer, guard) = writer::spawn(std::io::stdout());
     let layer = tracing_subscriber::fmt::layer().with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests or the demo starting twice) keeps the first subscriber.
