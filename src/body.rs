@@ -5,6 +5,10 @@
 //! latency nor memory grows with the body. `OpenStream` does the reverse and fails the body at
 //! the first record that does not authenticate. `MTE` bodies are buffered whole instead, because
 //! padding hides the total length.
+//!
+//! A body a relay already has whole, or one of at most `WHOLE_BODY_BYTES` with a declared
+//! length, is sealed or opened in one step and sent with `Content-Length`: full records and a
+//! final one, without chunked framing or a stream per body on either relay.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,6 +24,10 @@ use futures_util::stream::LocalBoxStream;
 use thiserror::Error;
 
 use crate::error::{RelayCode, RelayError};
+
+/// Largest declared plaintext length a relay reads whole before sealing or opening it: one
+/// record, so reading it whole adds no wait that streaming would avoid.
+pub const WHOLE_BODY_BYTES: u64 = MAX_RECORD_PLAINTEXT as u64;
 
 /// A body stream failure.
 #[derive(Debug, Error)]
@@ -173,9 +181,9 @@ impl OpenStream {
         }
     }
 
-    /// Whether the body is complete and empty: no record with data was opened.
-    pub fn is_empty_and_finished(&self) -> bool {
-        self.first.is_none() && self.opener.is_finished()
+    /// Returns the whole plaintext when [`OpenStream::open_first`] already reached the final record.
+    pub fn whole(&mut self) -> Option<Bytes> {
+        self.opener.is_finished().then(|| self.first.take().unwrap_or_default())
     }
 
     fn poll_record(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
@@ -235,6 +243,51 @@ pub async fn collect(mut source: Source, limit: u64) -> Result<Bytes, BodyError>
     Ok(body.freeze())
 }
 
+/// Seals a whole `MKE` body: full records, then the final one.
+///
+/// # Errors
+/// As [`records::seal_body`].
+pub fn seal_whole(sealer: &mut RecordSealer, body: &[u8]) -> Result<Bytes, BodyError> {
+    Ok(Bytes::from(records::seal_body(sealer, body)?))
+}
+
+/// Opens a whole `MKE` body of `length` plaintext bytes read from `source`, in whatever records
+/// the peer cut it into. Memory stays at `length` plus one record.
+///
+/// # Errors
+/// A protocol error when a record does not open or the framing is wrong, `Transfer` when the
+/// plaintext is not `length` bytes long.
+pub async fn open_whole(
+    mut source: Source,
+    opener: &mut RecordOpener,
+    length: u64,
+) -> Result<Bytes, BodyError> {
+    let wrong_length =
+        |got: usize| BodyError::Transfer(format!("body of {got} bytes where {length} were declared"));
+    let mut body: Vec<u8> = Vec::new();
+    loop {
+        while let Some(record) = opener.next_record()? {
+            if (body.len() + record.len()) as u64 > length {
+                return Err(wrong_length(body.len() + record.len()));
+            }
+            if body.is_empty() {
+                body = record;
+            } else {
+                body.extend_from_slice(&record);
+            }
+        }
+        match source.next().await {
+            Some(chunk) => opener.push(&chunk?),
+            None => break,
+        }
+    }
+    opener.finish()?;
+    if body.len() as u64 != length {
+        return Err(wrong_length(body.len()));
+    }
+    Ok(Bytes::from(body))
+}
+
 /// Seals a whole `MTE` body: padded to its size bucket, then cut into records.
 ///
 /// # Errors
@@ -264,5 +317,105 @@ pub fn request_body_code(error: &BodyError) -> RelayCode {
     match error {
         BodyError::Protocol(error) => RelayCode::from(error),
         BodyError::TooLarge { .. } | BodyError::Transfer(_) => RelayCode::MalformedBody,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use api_relay_protocol::keys::PairKeys;
+    use api_relay_protocol::relay_header::SealFlags;
+    use api_relay_protocol::seal::ItemCipher;
+    use api_relay_protocol::{ClientIdSigner, Direction, EncodeType, ExchangeContext, PairId};
+
+    use super::*;
+
+    fn cipher() -> ItemCipher {
+        let pair_id = PairId::from_bytes([7; 16]);
+        let keys = PairKeys::derive(&[1; 32], &[2; 64], &pair_id, &[3; 32]).keys;
+        let context = ExchangeContext {
+            direction: Direction::Response,
+            client_id: ClientIdSigner::new(&[9; 32], None).issue(),
+            pair_id,
+            seq: 4,
+            encode_type: EncodeType::Mke,
+            flags: SealFlags { url: true, headers: true, body: true },
+        };
+        ItemCipher::new(keys.exchange(Direction::Response, EncodeType::Mke, 4), context)
+    }
+
+    /// Returns a source that yields `bytes` in pieces of `piece` bytes.
+    fn pieces(bytes: &[u8], piece: usize) -> Source {
+        let chunks: Vec<Bytes> = bytes.chunks(piece).map(Bytes::copy_from_slice).collect();
+        futures_util::stream::iter(chunks.into_iter().map(Ok)).boxed_local()
+    }
+
+    fn body(len: usize) -> Vec<u8> {
+        (0..len).map(|n| (n % 251) as u8).collect()
+    }
+
+    #[actix_web::test]
+    async fn whole_body_opens_from_any_record_cut() {
+        let cipher = cipher();
+        for len in [0, 1, 1000, MAX_RECORD_PLAINTEXT, MAX_RECORD_PLAINTEXT + 1] {
+            let plain = body(len);
+            // Sealed whole: full records and a final one.
+            let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
+            let opened =
+                open_whole(pieces(&whole, 7), &mut RecordOpener::new(cipher.clone()), len as u64).await;
+            assert_eq!(opened.unwrap(), plain, "{len} bytes sealed whole");
+
+            // Sealed while streaming in pieces of 300 bytes: a record per piece.
+            let stream = SealStream::new(pieces(&plain, 300), RecordSealer::new(cipher.clone()), u64::MAX);
+            let streamed: Vec<u8> = stream.map(|record| record.unwrap().to_vec()).concat().await;
+            let mut opener = RecordOpener::new(cipher.clone());
+            let opened = open_whole(pieces(&streamed, 1024), &mut opener, len as u64).await;
+            assert_eq!(opened.unwrap(), plain, "{len} bytes sealed while streaming");
+        }
+    }
+
+    #[actix_web::test]
+    async fn whole_body_of_wrong_length_fails() {
+        let cipher = cipher();
+        let plain = body(100);
+        let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
+        for declared in [0, 99, 101] {
+            let opened =
+                open_whole(pieces(&whole, 50), &mut RecordOpener::new(cipher.clone()), declared).await;
+            assert!(matches!(opened, Err(BodyError::Transfer(_))), "declared {declared}: {opened:?}");
+        }
+    }
+
+    #[actix_web::test]
+    async fn truncated_or_tampered_whole_body_fails() {
+        let cipher = cipher();
+        let plain = body(100);
+        let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
+        let mut opener = RecordOpener::new(cipher.clone());
+        let truncated = open_whole(pieces(&whole[..whole.len() - 1], 50), &mut opener, 100).await;
+        assert!(matches!(truncated, Err(BodyError::Protocol(_))), "{truncated:?}");
+        let mut tampered = whole.to_vec();
+        tampered[10] ^= 1;
+        let opened = open_whole(pieces(&tampered, 50), &mut RecordOpener::new(cipher.clone()), 100).await;
+        assert!(matches!(opened, Err(BodyError::Protocol(_))));
+    }
+
+    #[actix_web::test]
+    async fn single_record_stream_is_whole() {
+        let cipher = cipher();
+        let plain = body(1000);
+        let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
+        let mut stream = OpenStream::new(pieces(&whole, 64), RecordOpener::new(cipher.clone()));
+        stream.open_first().await.unwrap();
+        assert_eq!(stream.whole().unwrap(), plain);
+
+        // Two records: after the first one opened, the body goes on streaming.
+        let mut sealer = RecordSealer::new(cipher.clone());
+        let mut two = sealer.seal(&plain[..500], false).unwrap();
+        two.extend_from_slice(&sealer.seal(&plain[500..], true).unwrap());
+        let mut stream = OpenStream::new(pieces(&two, 64), RecordOpener::new(cipher));
+        stream.open_first().await.unwrap();
+        assert!(stream.whole().is_none());
+        let rest: Vec<u8> = stream.map(|record| record.unwrap().to_vec()).concat().await;
+        assert_eq!(rest, plain);
     }
 }

@@ -28,7 +28,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIET_PERIOD: Duration = Duration::from_millis(300);
 
 /// The per-request options a test repeats its checks with.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
     /// `MKE`, the default: nothing to set.
     Mke,
@@ -773,6 +773,21 @@ fn chunked_request_body_arrives_whole() {
             assert_eq!(response.status, 200, "{variant:?}: {}", response.body_text());
             assert_eq!(recorded.body_len, body.len() as u64, "{variant:?}");
             assert_eq!(recorded.body_sha256, sha256_hex(body), "{variant:?}, {} bytes", body.len());
+            // Relay B sends a body that arrived in one final record with its length; a body
+            // relay A streamed in several records stays chunked.
+            let whole = body.len() <= 65536 || variant == Variant::Mte;
+            let framing = (recorded.header_str("content-length"), recorded.header_str("transfer-encoding"));
+            match whole {
+                true => assert_eq!(
+                    framing,
+                    (Some(body.len().to_string()), None),
+                    "{variant:?}, {} bytes",
+                    body.len()
+                ),
+                false => {
+                    assert_eq!(framing, (None, Some("chunked".into())), "{variant:?}, {} bytes", body.len())
+                }
+            }
         }
     }
 }

@@ -37,10 +37,11 @@ pub struct OpenedRequest {
     pub seal_headers: bool,
 }
 
-/// The request body after the checks: streaming for `MKE`, whole for `MTE`. The stream is boxed
-/// because it contains the cipher state, which is large.
+/// The request body after the checks: whole for `MTE` and for an `MKE` body that ended in its
+/// first record, else streaming. The stream is boxed because it contains the cipher state,
+/// which is large.
 pub enum OpenedBody {
-    Stream { stream: Box<OpenStream>, empty: bool },
+    Stream(Box<OpenStream>),
     Whole(bytes::Bytes),
 }
 
@@ -185,8 +186,11 @@ async fn open_body(
         EncodeType::Mke => {
             let mut stream = OpenStream::new(source, opener);
             stream.open_first().await.map_err(relay_error)?;
-            let empty = stream.is_empty_and_finished();
-            Ok(OpenedBody::Stream { stream: Box::new(stream), empty })
+            // A body that ended in its first record goes to the upstream whole.
+            if let Some(whole) = stream.whole() {
+                return Ok(OpenedBody::Whole(whole));
+            }
+            Ok(OpenedBody::Stream(Box::new(stream)))
         }
     }
 }

@@ -7,7 +7,7 @@ use api_relay_protocol::records::RecordSealer;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
-use crate::body::{self, SealStream};
+use crate::body::{self, SealStream, WHOLE_BODY_BYTES};
 use crate::error::{RelayCode, RelayError};
 use crate::headers::{self, PSEUDO_STATUS};
 use crate::inbound::upstream::{self, UpstreamClient, UpstreamResponse};
@@ -35,8 +35,7 @@ pub async fn forward(
             request_bytes.inc_by(bytes.len() as u64);
             upstream::full_body(bytes)
         }
-        OpenedBody::Stream { empty: true, .. } if length.is_none() => upstream::empty_body(),
-        OpenedBody::Stream { stream, .. } => {
+        OpenedBody::Stream(stream) => {
             upstream::streamed_body(body::counted(Box::pin(*stream), request_bytes))
         }
     };
@@ -110,7 +109,15 @@ async fn seal_response(
     let limit = state.config.max_body_bytes;
     let response_bytes = state.metrics.body_bytes(Role::Inbound, BodyDirection::Response);
     let source = body::counted(response.body, response_bytes);
+    let length = response
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
     match encode_type {
+        EncodeType::Mke if length.is_some_and(|length| length <= WHOLE_BODY_BYTES) => {
+            let plain = body::collect(source, WHOLE_BODY_BYTES).await?;
+            Ok(answer.body(body::seal_whole(&mut sealer, &plain)?))
+        }
         EncodeType::Mke => Ok(answer.streaming(SealStream::new(source, sealer, limit))),
         EncodeType::Mte => {
             let plain = body::collect(source, limit).await?;

@@ -17,7 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use futures_util::StreamExt;
 
-use crate::body::{self, BodyError, OpenStream, SealStream, Source};
+use crate::body::{self, BodyError, OpenStream, SealStream, Source, WHOLE_BODY_BYTES};
 use crate::error::RelayError;
 use crate::headers::{self, PSEUDO_METHOD, PSEUDO_STATUS};
 use crate::metrics::BodyDirection;
@@ -156,6 +156,14 @@ impl SealedRequest {
     }
 }
 
+/// The application's request body for one attempt.
+pub enum PlainBody {
+    /// Held whole in memory: sealed in one step and sent with `Content-Length`.
+    Whole(bytes::Bytes),
+    /// Still arriving: sealed while it streams (`MKE`) or read whole first (`MTE`).
+    Stream(Source),
+}
+
 /// Sends a sealed request with its body to the peer.
 ///
 /// # Errors
@@ -165,17 +173,30 @@ pub async fn send(
     client: &awc::Client,
     origin: &PeerOrigin,
     sealed: &SealedRequest,
-    source: Source,
+    plain: PlainBody,
     options: &ExchangeOptions,
     state: &RelayState,
 ) -> Result<awc::ClientResponse, RelayError> {
     let limit = state.config.max_body_bytes;
+    let counter = state.metrics.body_bytes(crate::server::Role::Outbound, BodyDirection::Request);
     let request = client
         .post(origin.url(&sealed.path))
         .insert_header((headers::RELAY, sealed.relay_header.as_str()))
         .insert_header((headers::RELAY_EH, sealed.header_block.as_str()))
         .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
-    let sealer = RecordSealer::new(sealed.request_cipher.clone());
+    let mut sealer = RecordSealer::new(sealed.request_cipher.clone());
+    let source = match plain {
+        PlainBody::Whole(whole) => {
+            counter.inc_by(whole.len() as u64);
+            let sealed_body = match options.encode_type {
+                EncodeType::Mke => body::seal_whole(&mut sealer, &whole)?,
+                EncodeType::Mte => body::seal_padded(&mut sealer, &whole)?,
+            };
+            let result = request.send_body(sealed_body).await;
+            return result.map_err(|error| send_error(error, "peer relay", state.config.upstream_timeout));
+        }
+        PlainBody::Stream(source) => body::counted(source, counter),
+    };
     let result = match options.encode_type {
         EncodeType::Mke => {
             let too_large = Rc::new(Cell::new(false));
@@ -193,7 +214,6 @@ pub async fn send(
         }
         EncodeType::Mte => {
             let plain = body::collect(source, limit).await?;
-            let mut sealer = sealer;
             request.send_body(body::seal_padded(&mut sealer, &plain)?).await
         }
     };
@@ -255,6 +275,11 @@ where
         (EncodeType::Mte, _) => {
             let whole = body::open_padded(source, &mut opener, limit).await?;
             counter.inc_by(whole.len() as u64);
+            Ok(builder.body(whole))
+        }
+        (EncodeType::Mke, Some(length)) if length <= WHOLE_BODY_BYTES => {
+            let whole = body::open_whole(source, &mut opener, length).await?;
+            counter.inc_by(length);
             Ok(builder.body(whole))
         }
         (EncodeType::Mke, Some(length)) => Ok(builder.body(SizedStream::new(

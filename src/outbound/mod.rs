@@ -21,10 +21,9 @@ use subtle::ConstantTimeEq;
 use crate::body::{self, BodyError, Source};
 use crate::error::{RelayCode, RelayError};
 use crate::headers;
-use crate::metrics::BodyDirection;
 use crate::server::{RelayState, Role};
 use crate::telemetry;
-use exchange::{ExchangeOptions, SealedRequest};
+use exchange::{ExchangeOptions, PlainBody, SealedRequest};
 use peer::PeerOrigin;
 
 /// Handles one outbound request.
@@ -97,9 +96,9 @@ async fn relay_exchange(
         let sealed = SealedRequest::seal(plain, &exchange, options);
         telemetry::note(request, |fields| fields.pair = Some(exchange.pair_id.short()));
         tracing::debug!(pair = %exchange.pair_id.short(), seq = exchange.seq, encode_type = options.encode_type.as_str(), "outbound exchange sealed");
-        let Some(source) = body.source(sent) else { break };
+        let Some(plain_body) = body.attempt(sent) else { break };
         sent += 1;
-        let response = send_with_resends(origin, &sealed, source, options, body, state, clients).await?;
+        let response = send_with_resends(origin, &sealed, plain_body, options, body, state, clients).await?;
         let status = response.status().as_u16();
         let retryable = body.is_replayable() && sent == 1;
         match RelayCode::from_status(status) {
@@ -141,21 +140,18 @@ async fn relay_exchange(
 async fn send_with_resends(
     origin: &PeerOrigin,
     sealed: &SealedRequest,
-    first: Source,
+    first: PlainBody,
     options: &ExchangeOptions,
     body: &mut OutboundBody,
     state: &RelayState,
     clients: &crate::client::HopClients,
 ) -> Result<awc::ClientResponse, RelayError> {
-    let send = |source| {
-        let source = body::counted(source, state.metrics.body_bytes(Role::Outbound, BodyDirection::Request));
-        exchange::send(&clients.peer, origin, sealed, source, options, state)
-    };
+    let send = |plain| exchange::send(&clients.peer, origin, sealed, plain, options, state);
     peer::resend_while_unreachable(origin, "exchange", send(first), |_| {
         if !body.is_replayable() {
             return None;
         }
-        body.source(0).map(send)
+        body.attempt(0).map(send)
     })
     .await
 }
@@ -243,13 +239,10 @@ impl OutboundBody {
     }
 
     /// The body for one attempt; a streamed body has only one.
-    fn source(&mut self, attempt: usize) -> Option<Source> {
+    fn attempt(&mut self, attempt: usize) -> Option<PlainBody> {
         match self {
-            OutboundBody::Buffered(bytes) => {
-                let bytes = bytes.clone();
-                Some(futures_util::stream::once(async move { Ok(bytes) }).boxed_local())
-            }
-            OutboundBody::Streaming(source) if attempt == 0 => source.take(),
+            OutboundBody::Buffered(bytes) => Some(PlainBody::Whole(bytes.clone())),
+            OutboundBody::Streaming(source) if attempt == 0 => source.take().map(PlainBody::Stream),
             OutboundBody::Streaming(_) => None,
         }
     }
