@@ -57,6 +57,8 @@ pub struct RelayState {
     /// False until the listener is up, and again while draining.
     pub ready: AtomicBool,
     pub pairing_limits: crate::inbound::limits::PairingLimits,
+    /// `UPSTREAM`'s origin and path prefix, which every proxied path is appended to.
+    pub upstream_base: String,
 }
 
 impl RelayState {
@@ -109,13 +111,14 @@ impl RelayState {
             config.pairing_requests_per_minute,
         );
         Ok(Self {
-            config,
             signer,
             registry: sessions,
             pool,
             metrics,
             ready: AtomicBool::new(false),
             pairing_limits,
+            upstream_base: crate::inbound::upstream_base(&config.upstream),
+            config,
         })
     }
 

@@ -111,13 +111,14 @@ impl RootSpanBuilder for RequestLog {
         let request_id = extensions.get::<RequestId>().map(ToString::to_string).unwrap_or_default();
         let exchange = extensions.get::<ExchangeFields>().cloned().unwrap_or_default();
         let _entered = span.enter();
+        // Text fields go in as `&str`, which the JSON format writes without a formatting pass.
         tracing::info!(
-            method = %request.method(),
-            route = %route,
+            method = request.method().as_str(),
+            route = route.as_str(),
             status,
             latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             role = role.as_str(),
-            request_id = %request_id,
+            request_id = request_id.as_str(),
             peer = exchange.peer.as_deref().unwrap_or(""),
             pair = exchange.pair.as_deref().unwrap_or(""),
             upstream_status = exchange.upstream_status.unwrap_or(0),

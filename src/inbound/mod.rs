@@ -71,6 +71,14 @@ pub async fn handle(
     proxy::forward(opened, &request, &clients.upstream, &state).await
 }
 
+/// Returns `UPSTREAM`'s origin and path prefix without a trailing slash: relay B appends the
+/// exact path and query relay A sent.
+pub fn upstream_base(upstream: &url::Url) -> String {
+    let origin = upstream.origin().ascii_serialization();
+    let prefix = upstream.path().trim_end_matches('/');
+    format!("{origin}{prefix}")
+}
+
 fn error_status(error: &RelayError) -> u16 {
     actix_web::ResponseError::status_code(error).as_u16()
 }
@@ -209,5 +217,21 @@ async fn accept(session: &SessionHandle, seq: u64) -> Result<(), RelayError> {
             Err(RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable"))
         }
         Err(_) => Err(RelayError::relay(RelayCode::StateNotFound, "pair not found; pair again")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_prefix_joins_exact_path() {
+        let upstream = url::Url::parse("http://api.internal:3000/v1/").unwrap();
+        assert_eq!(
+            format!("{}{}", upstream_base(&upstream), "/items?a=%2F&a=2;x"),
+            "http://api.internal:3000/v1/items?a=%2F&a=2;x"
+        );
+        let upstream = url::Url::parse("https://api.example.com").unwrap();
+        assert_eq!(format!("{}{}", upstream_base(&upstream), "/"), "https://api.example.com/");
     }
 }

@@ -55,7 +55,7 @@ pub async fn forward(
 /// `Content-Length` when the application sent one), then `HEADERS`.
 fn build_request(opened: &OpenedRequest, state: &RelayState) -> Result<http::request::Builder, RelayError> {
     let invalid = || RelayError::relay(RelayCode::OpenFailed, "opened request is not valid HTTP");
-    let url = upstream_url(&state.config.upstream, &opened.path_and_query);
+    let url = format!("{}{}", state.upstream_base, opened.path_and_query);
     let method = http::Method::from_bytes(opened.method.as_str().as_bytes()).map_err(|_| invalid())?;
     let mut request = http::Request::builder().method(method).uri(url);
     let headers = request.headers_mut().ok_or_else(invalid)?;
@@ -71,13 +71,6 @@ fn build_request(opened: &OpenedRequest, state: &RelayState) -> Result<http::req
         headers.insert(name, http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| invalid())?);
     }
     Ok(request)
-}
-
-/// `UPSTREAM` (with its path prefix) joined with the exact path and query relay A sent.
-fn upstream_url(upstream: &url::Url, path_and_query: &str) -> String {
-    let origin = upstream.origin().ascii_serialization();
-    let prefix = upstream.path().trim_end_matches('/');
-    format!("{origin}{prefix}{path_and_query}")
 }
 
 async fn seal_response(
@@ -123,21 +116,5 @@ async fn seal_response(
             let plain = body::collect(source, limit).await?;
             Ok(answer.body(body::seal_padded(&mut sealer, &plain)?))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_prefix_joins_exact_path() {
-        let upstream = url::Url::parse("http://api.internal:3000/v1/").unwrap();
-        assert_eq!(
-            upstream_url(&upstream, "/items?a=%2F&a=2;x"),
-            "http://api.internal:3000/v1/items?a=%2F&a=2;x"
-        );
-        let upstream = url::Url::parse("https://api.example.com").unwrap();
-        assert_eq!(upstream_url(&upstream, "/"), "https://api.example.com/");
     }
 }

@@ -19,6 +19,8 @@ pub struct PeerOrigin {
     scheme: String,
     host: String,
     port: u16,
+    /// `scheme://host:port`, as logs and metrics show the peer.
+    origin: String,
 }
 
 impl PeerOrigin {
@@ -45,8 +47,14 @@ impl PeerOrigin {
         check_canonical(text.trim(), url.scheme(), &host, port).map_err(|reason| bad(&reason))?;
         let prefix = url.path().trim_end_matches('/');
         // `host_str` already puts an IPv6 address in brackets.
-        let base = format!("{}://{host}:{port}{prefix}", url.scheme());
-        Ok(Self { base, scheme: url.scheme().to_owned(), host, port })
+        let origin = format!("{}://{host}:{port}", url.scheme());
+        let base = format!("{origin}{prefix}");
+        Ok(Self { base, scheme: url.scheme().to_owned(), host, port, origin })
+    }
+
+    /// Returns `scheme://host:port`.
+    pub fn as_str(&self) -> &str {
+        &self.origin
     }
 
     /// The pool key: one pool per distinct base URL.
@@ -70,7 +78,7 @@ impl PeerOrigin {
 
 impl fmt::Display for PeerOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+        f.write_str(&self.origin)
     }
 }
 
