@@ -312,8 +312,8 @@ async fn inbound_sessions_of_two_processes_accept_each_seq_once() {
 }
 
 /// 3000 sequence numbers for a window of `size`, from a fixed linear congruential sequence so a
-/// failure repeats: mostly small steps forward and back around the highest seq, sometimes a jump
-/// past the whole window.
+/// failure repeats: mostly small steps forward and back around the highest seq, jumps within the
+/// window, and sometimes a jump past the whole window.
 fn replay_steps(size: u64) -> Vec<u64> {
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ size;
     let mut base: u64 = 1;
@@ -323,7 +323,9 @@ fn replay_steps(size: u64) -> Vec<u64> {
         let roll = state >> 33;
         let seq = match roll % 10 {
             0 => base + size + roll % (2 * size),
-            1..=5 => base + roll % 8,
+            // Jumps that clear whole bytes of the ring, often over numbers marked just before.
+            1 => base + 9 + roll % size,
+            2..=5 => base + roll % 8,
             _ => base.saturating_sub(roll % (size + 16)).max(1),
         };
         base = base.max(seq);

@@ -13,6 +13,10 @@
 -- known any more about the numbers up to `highest`. The field `floor` then records `highest`,
 -- and every number up to `floor` is rejected as stale from then on.
 --
+-- Single bits are collected in `pending` and written with one BITFIELD call at the end: each
+-- redis.call costs about 1 µs on top of its command (measured), more than a SETBIT itself. Whole
+-- bytes are cleared at once with SETRANGE.
+--
 -- Lua numbers are doubles: the caller rejects numbers above 2^53 before calling.
 --
 -- KEYS[1]  the pair record (a hash)
@@ -23,11 +27,12 @@
 --
 -- Returns one outcome per number: 1 accepted, 0 replayed, -1 stale. Returns the single number
 -- -2 when there is no such pair.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Every pair record has the field `version`, so a missing one means there is no such pair.
+local fields = redis.call('HMGET', KEYS[1], 'highest', 'floor', 'version')
+if not fields[3] then
   return -2
 end
 local size = tonumber(ARGV[1])
-local fields = redis.call('HMGET', KEYS[1], 'highest', 'floor')
 -- Numbers are written back as the decimal text they arrived in, because Lua would print a large
 -- double in exponent form.
 local highest_text = fields[1] or '0'
@@ -39,6 +44,19 @@ if highest > floor and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[1], 'floor', highest_text)
 end
 
+-- Bits this call writes, by ring position (1 or 0). Reads look here before the stored bitmap.
+local pending = {}
+
+-- Drops the pending bits of bytes `first` to `last`, which SETRANGE has just cleared.
+local function drop_pending(first, last)
+  for position in pairs(pending) do
+    local byte = math.floor(position / 8)
+    if byte >= first and byte <= last then
+      pending[position] = nil
+    end
+  end
+end
+
 -- Clears `count` ring positions, starting at the one of number `first`: single bits up to a
 -- byte boundary, then whole bytes with one SETRANGE, then single bits again.
 local function clear(first, count)
@@ -47,21 +65,31 @@ local function clear(first, count)
     local stop = position + math.min(count, size - position)
     local bit = position
     while bit < stop and bit % 8 ~= 0 do
-      redis.call('SETBIT', KEYS[2], bit, 0)
+      pending[bit] = 0
       bit = bit + 1
     end
     local bytes = math.floor((stop - bit) / 8)
     if bytes > 0 then
       redis.call('SETRANGE', KEYS[2], bit / 8, string.rep('\0', bytes))
+      drop_pending(bit / 8, bit / 8 + bytes - 1)
       bit = bit + bytes * 8
     end
     while bit < stop do
-      redis.call('SETBIT', KEYS[2], bit, 0)
+      pending[bit] = 0
       bit = bit + 1
     end
     count = count - (stop - position)
     first = first + (stop - position)
   end
+end
+
+-- Returns the bit at ring position `position` as this call has left it so far.
+local function bit_at(position)
+  local bit = pending[position]
+  if bit == nil then
+    bit = redis.call('GETBIT', KEYS[2], position)
+  end
+  return bit
 end
 
 -- Checks and marks one number, given as decimal text, and returns its outcome.
@@ -72,19 +100,20 @@ local function check(text)
   elseif seq > highest then
     if seq - highest >= size then
       redis.call('DEL', KEYS[2])
+      pending = {}
     else
       clear(highest + 1, seq - highest - 1)
     end
-    redis.call('SETBIT', KEYS[2], seq % size, 1)
+    pending[seq % size] = 1
     highest = seq
     highest_text = text
     return 1
   elseif highest - seq >= size then
     return -1
-  elseif redis.call('GETBIT', KEYS[2], seq % size) == 1 then
+  elseif bit_at(seq % size) == 1 then
     return 0
   end
-  redis.call('SETBIT', KEYS[2], seq % size, 1)
+  pending[seq % size] = 1
   return 1
 end
 
@@ -93,6 +122,23 @@ local before = highest
 for i = 3, #ARGV do
   outcomes[#outcomes + 1] = check(ARGV[i])
 end
+
+-- One BITFIELD call per 256 pending bits, which keeps unpack within Lua's stack.
+local args = {}
+for position, bit in pairs(pending) do
+  args[#args + 1] = 'SET'
+  args[#args + 1] = 'u1'
+  args[#args + 1] = position
+  args[#args + 1] = bit
+  if #args >= 1024 then
+    redis.call('BITFIELD', KEYS[2], unpack(args))
+    args = {}
+  end
+end
+if #args > 0 then
+  redis.call('BITFIELD', KEYS[2], unpack(args))
+end
+
 if highest ~= before then
   redis.call('HSET', KEYS[1], 'highest', highest_text)
 end
