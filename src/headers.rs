@@ -26,6 +26,20 @@ pub const ENCODE_TYPE: &str = "x-mte-encode-type";
 pub const ENCODE_HEADERS: &str = "x-mte-encode-headers";
 /// Application to relay A: `false` sends the path and query unsealed.
 pub const ENCODE_URL: &str = "x-mte-encode-url";
+/// The control headers as parsed names, so lookups and inserts on every exchange skip parsing
+/// and checking the name.
+pub mod name {
+    use actix_web::http::header::HeaderName;
+
+    pub static RELAY: HeaderName = HeaderName::from_static(super::RELAY);
+    pub static RELAY_EH: HeaderName = HeaderName::from_static(super::RELAY_EH);
+    pub static OUTBOUND_TOKEN: HeaderName = HeaderName::from_static(super::OUTBOUND_TOKEN);
+    pub static UPSTREAM: HeaderName = HeaderName::from_static(super::UPSTREAM);
+    pub static ENCODE_TYPE: HeaderName = HeaderName::from_static(super::ENCODE_TYPE);
+    pub static ENCODE_HEADERS: HeaderName = HeaderName::from_static(super::ENCODE_HEADERS);
+    pub static ENCODE_URL: HeaderName = HeaderName::from_static(super::ENCODE_URL);
+}
+
 /// Pseudo-field carrying the request method in a request block.
 pub const PSEUDO_METHOD: &str = ":method";
 /// Pseudo-field carrying the status in a response block.

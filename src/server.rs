@@ -276,10 +276,11 @@ pub fn log_startup(config: &Config) {
 /// Returns whether the application sent the request to relay A: it carries the outbound token,
 /// or it names a peer with `x-mte-upstream` and is not an exchange from a peer.
 fn is_outbound(context: &GuardContext<'_>) -> bool {
-    let present = |name| context.head().headers().contains_key(name);
-    present(headers::OUTBOUND_TOKEN) || (present(headers::UPSTREAM) && !present(headers::RELAY))
+    let present = |name: &actix_web::http::header::HeaderName| context.head().headers().contains_key(name);
+    present(&headers::name::OUTBOUND_TOKEN)
+        || (present(&headers::name::UPSTREAM) && !present(&headers::name::RELAY))
 }
 
 fn is_inbound(context: &GuardContext<'_>) -> bool {
-    context.head().headers().contains_key(headers::RELAY)
+    context.head().headers().contains_key(&headers::name::RELAY)
 }

@@ -90,7 +90,7 @@ async fn open(
 ) -> Result<OpenedRequest, RelayError> {
     let value = request
         .headers()
-        .get(headers::RELAY)
+        .get(&headers::name::RELAY)
         .ok_or_else(|| RelayError::relay(RelayCode::MissingRelayHeader, "missing x-mte-relay header"))?;
     let relay = RelayHeader::parse(value.as_bytes())?;
     crate::telemetry::note(request, |fields| {
@@ -166,7 +166,7 @@ fn open_headers(
     state: &RelayState,
 ) -> Result<headers::Block, RelayError> {
     let invalid = || RelayError::relay(RelayCode::OpenFailed, "missing or invalid x-mte-relay-eh header");
-    let encoded = request.headers().get(headers::RELAY_EH).ok_or_else(invalid)?;
+    let encoded = request.headers().get(&headers::name::RELAY_EH).ok_or_else(invalid)?;
     let bytes = B64.decode(encoded.as_bytes()).map_err(|_| invalid())?;
     let block = match relay.flags.headers {
         true => cipher.open_headers(&bytes)?,

@@ -96,7 +96,7 @@ async fn seal_response(
         false => block,
     };
     let mut answer = HttpResponse::Ok();
-    answer.insert_header((headers::RELAY_EH, B64.encode(block)));
+    answer.insert_header((headers::name::RELAY_EH.clone(), B64.encode(block)));
     answer.insert_header((header::CONTENT_TYPE, "application/octet-stream"));
     let mut sealer = RecordSealer::new(cipher.clone());
     let limit = state.config.max_body_bytes;

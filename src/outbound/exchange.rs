@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use actix_web::body::SizedStream;
+use actix_web::http::header::HeaderName;
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse};
 use api_relay_actors::Exchange;
@@ -41,7 +42,7 @@ impl ExchangeOptions {
     /// # Errors
     /// `BadHeader` for any other value.
     pub fn from_request(request: &HttpRequest) -> Result<Self, RelayError> {
-        let encode_type = match header_text(request, headers::ENCODE_TYPE)? {
+        let encode_type = match header_text(request, &headers::name::ENCODE_TYPE)? {
             None => EncodeType::default(),
             Some(text) => text.parse().map_err(|_| RelayError::BadHeader {
                 header: headers::ENCODE_TYPE,
@@ -49,29 +50,34 @@ impl ExchangeOptions {
             })?,
         };
         let flags = SealFlags {
-            url: flag(request, headers::ENCODE_URL)?,
-            headers: flag(request, headers::ENCODE_HEADERS)?,
+            url: flag(request, &headers::name::ENCODE_URL)?,
+            headers: flag(request, &headers::name::ENCODE_HEADERS)?,
             body: true,
         };
         Ok(Self { encode_type, flags })
     }
 }
 
-fn header_text<'a>(request: &'a HttpRequest, name: &'static str) -> Result<Option<&'a str>, RelayError> {
+fn header_text<'a>(
+    request: &'a HttpRequest,
+    name: &'static HeaderName,
+) -> Result<Option<&'a str>, RelayError> {
     match request.headers().get(name) {
         None => Ok(None),
         Some(value) => value
             .to_str()
             .map(|text| Some(text.trim()))
-            .map_err(|_| RelayError::BadHeader { header: name, reason: "not ASCII text".into() }),
+            .map_err(|_| RelayError::BadHeader { header: name.as_str(), reason: "not ASCII text".into() }),
     }
 }
 
-fn flag(request: &HttpRequest, name: &'static str) -> Result<bool, RelayError> {
+fn flag(request: &HttpRequest, name: &'static HeaderName) -> Result<bool, RelayError> {
     match header_text(request, name)?.map(str::to_ascii_lowercase).as_deref() {
         None | Some("true") => Ok(true),
         Some("false") => Ok(false),
-        Some(_) => Err(RelayError::BadHeader { header: name, reason: "expected true or false".into() }),
+        Some(_) => {
+            Err(RelayError::BadHeader { header: name.as_str(), reason: "expected true or false".into() })
+        }
     }
 }
 
@@ -181,8 +187,8 @@ pub async fn send(
     let counter = state.metrics.body_bytes(crate::server::Role::Outbound, BodyDirection::Request);
     let request = client
         .post(origin.url(&sealed.path))
-        .insert_header((headers::RELAY, sealed.relay_header.as_str()))
-        .insert_header((headers::RELAY_EH, sealed.header_block.as_str()))
+        .insert_header((headers::name::RELAY.clone(), sealed.relay_header.as_str()))
+        .insert_header((headers::name::RELAY_EH.clone(), sealed.header_block.as_str()))
         .insert_header((header::CONTENT_TYPE, "application/octet-stream"));
     let mut sealer = RecordSealer::new(sealed.request_cipher.clone());
     let source = match plain {
@@ -298,7 +304,7 @@ fn open_block<S>(
     state: &RelayState,
 ) -> Result<headers::Block, RelayError> {
     let missing = || RelayError::BadGateway { hop: "peer relay", reason: "missing x-mte-relay-eh".into() };
-    let encoded = response.headers().get(headers::RELAY_EH).ok_or_else(missing)?;
+    let encoded = response.headers().get(&headers::name::RELAY_EH).ok_or_else(missing)?;
     let bytes = B64.decode(encoded.as_bytes()).map_err(|_| missing())?;
     let block = match sealed.flags.headers {
         true => sealed.response_cipher.open_headers(&bytes)?,

@@ -170,8 +170,11 @@ fn application_error(error: RelayError) -> RelayError {
 
 fn authorize(request: &HttpRequest, state: &RelayState) -> Result<(), RelayError> {
     let expected = state.config.outbound_token.expose().as_bytes();
-    let presented =
-        request.headers().get(headers::OUTBOUND_TOKEN).map(|value| value.as_bytes()).unwrap_or_default();
+    let presented = request
+        .headers()
+        .get(&headers::name::OUTBOUND_TOKEN)
+        .map(|value| value.as_bytes())
+        .unwrap_or_default();
     if bool::from(presented.ct_eq(expected)) {
         return Ok(());
     }
@@ -180,7 +183,7 @@ fn authorize(request: &HttpRequest, state: &RelayState) -> Result<(), RelayError
 }
 
 fn peer_origin(request: &HttpRequest) -> Result<PeerOrigin, RelayError> {
-    let value = request.headers().get(headers::UPSTREAM).ok_or(RelayError::BadHeader {
+    let value = request.headers().get(&headers::name::UPSTREAM).ok_or(RelayError::BadHeader {
         header: "x-mte-upstream",
         reason: "missing; set it to the peer relay's URL".into(),
     })?;
