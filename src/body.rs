@@ -7,8 +7,8 @@
 //! padding hides the total length.
 //!
 //! A body a relay already has whole, or one of at most `WHOLE_BODY_BYTES` with a declared
-//! length, is sealed or opened in one step and sent with `Content-Length`: full records and a
-//! final one, without chunked framing or a stream per body on either relay.
+//! length, is sealed or opened in one step and sent with `Content-Length`. It becomes full
+//! records and a final one, with no chunked framing and no stream per body on either relay.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -252,40 +252,31 @@ pub fn seal_whole(sealer: &mut RecordSealer, body: &[u8]) -> Result<Bytes, BodyE
 }
 
 /// Opens a whole `MKE` body of `length` plaintext bytes read from `source`, in whatever records
-/// the peer cut it into. Memory stays at `length` plus one record.
+/// the peer cut it into, through an [`OpenStream`]. Memory stays at `length` plus one record.
 ///
 /// # Errors
-/// A protocol error when a record does not open or the framing is wrong, `Transfer` when the
-/// plaintext is not `length` bytes long.
-pub async fn open_whole(
-    mut source: Source,
-    opener: &mut RecordOpener,
-    length: u64,
-) -> Result<Bytes, BodyError> {
+/// As [`OpenStream`], and `Transfer` when the plaintext is not `length` bytes long.
+pub async fn open_whole(source: Source, opener: RecordOpener, length: u64) -> Result<Bytes, BodyError> {
     let wrong_length =
-        |got: usize| BodyError::Transfer(format!("body of {got} bytes where {length} were declared"));
-    let mut body: Vec<u8> = Vec::new();
-    loop {
-        while let Some(record) = opener.next_record()? {
-            if (body.len() + record.len()) as u64 > length {
-                return Err(wrong_length(body.len() + record.len()));
-            }
-            if body.is_empty() {
-                body = record;
-            } else {
-                body.extend_from_slice(&record);
-            }
+        |got: u64| BodyError::Transfer(format!("body has {got} bytes, expected the declared {length}"));
+    let mut records = OpenStream::new(source, opener);
+    let mut parts = Vec::new();
+    let mut total = 0u64;
+    while let Some(part) = records.next().await {
+        let part = part?;
+        total += part.len() as u64;
+        if total > length {
+            return Err(wrong_length(total));
         }
-        match source.next().await {
-            Some(chunk) => opener.push(&chunk?),
-            None => break,
-        }
+        parts.push(part);
     }
-    opener.finish()?;
-    if body.len() as u64 != length {
-        return Err(wrong_length(body.len()));
+    if total != length {
+        return Err(wrong_length(total));
     }
-    Ok(Bytes::from(body))
+    Ok(match parts.len() {
+        1 => parts.pop().unwrap_or_default(),
+        _ => parts.concat().into(),
+    })
 }
 
 /// Seals a whole `MTE` body: padded to its size bucket, then cut into records.
@@ -360,15 +351,14 @@ mod tests {
             let plain = body(len);
             // Sealed whole: full records and a final one.
             let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
-            let opened =
-                open_whole(pieces(&whole, 7), &mut RecordOpener::new(cipher.clone()), len as u64).await;
+            let opened = open_whole(pieces(&whole, 7), RecordOpener::new(cipher.clone()), len as u64).await;
             assert_eq!(opened.unwrap(), plain, "{len} bytes sealed whole");
 
             // Sealed while streaming in pieces of 300 bytes: a record per piece.
             let stream = SealStream::new(pieces(&plain, 300), RecordSealer::new(cipher.clone()), u64::MAX);
             let streamed: Vec<u8> = stream.map(|record| record.unwrap().to_vec()).concat().await;
-            let mut opener = RecordOpener::new(cipher.clone());
-            let opened = open_whole(pieces(&streamed, 1024), &mut opener, len as u64).await;
+            let opener = RecordOpener::new(cipher.clone());
+            let opened = open_whole(pieces(&streamed, 1024), opener, len as u64).await;
             assert_eq!(opened.unwrap(), plain, "{len} bytes sealed while streaming");
         }
     }
@@ -379,8 +369,7 @@ mod tests {
         let plain = body(100);
         let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
         for declared in [0, 99, 101] {
-            let opened =
-                open_whole(pieces(&whole, 50), &mut RecordOpener::new(cipher.clone()), declared).await;
+            let opened = open_whole(pieces(&whole, 50), RecordOpener::new(cipher.clone()), declared).await;
             assert!(matches!(opened, Err(BodyError::Transfer(_))), "declared {declared}: {opened:?}");
         }
     }
@@ -390,12 +379,12 @@ mod tests {
         let cipher = cipher();
         let plain = body(100);
         let whole = seal_whole(&mut RecordSealer::new(cipher.clone()), &plain).unwrap();
-        let mut opener = RecordOpener::new(cipher.clone());
-        let truncated = open_whole(pieces(&whole[..whole.len() - 1], 50), &mut opener, 100).await;
+        let opener = RecordOpener::new(cipher.clone());
+        let truncated = open_whole(pieces(&whole[..whole.len() - 1], 50), opener, 100).await;
         assert!(matches!(truncated, Err(BodyError::Protocol(_))), "{truncated:?}");
         let mut tampered = whole.to_vec();
         tampered[10] ^= 1;
-        let opened = open_whole(pieces(&tampered, 50), &mut RecordOpener::new(cipher.clone()), 100).await;
+        let opened = open_whole(pieces(&tampered, 50), RecordOpener::new(cipher.clone()), 100).await;
         assert!(matches!(opened, Err(BodyError::Protocol(_))));
     }
 

@@ -773,7 +773,7 @@ fn chunked_request_body_arrives_whole() {
             assert_eq!(response.status, 200, "{variant:?}: {}", response.body_text());
             assert_eq!(recorded.body_len, body.len() as u64, "{variant:?}");
             assert_eq!(recorded.body_sha256, sha256_hex(body), "{variant:?}, {} bytes", body.len());
-            // Relay B sends a body that arrived in one final record with its length; a body
+            // Relay B sends a body that arrived in one final record with its length. A body
             // relay A streamed in several records stays chunked.
             let whole = body.len() <= 65536 || variant == Variant::Mte;
             let framing = (recorded.header_str("content-length"), recorded.header_str("transfer-encoding"));

@@ -284,7 +284,7 @@ where
             Ok(builder.body(whole))
         }
         (EncodeType::Mke, Some(length)) if length <= WHOLE_BODY_BYTES => {
-            let whole = body::open_whole(source, &mut opener, length).await?;
+            let whole = body::open_whole(source, opener, length).await?;
             counter.inc_by(length);
             Ok(builder.body(whole))
         }

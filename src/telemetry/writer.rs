@@ -9,6 +9,8 @@
 //!
 //! The buffer never drops records. When stdout takes them more slowly than they come and the
 //! buffer reaches `MAX_PENDING_BYTES`, the threads that log wait until the writer drains it.
+//! Only records that come after the guard closed the buffer, or when the writer thread could
+//! not start, are dropped, because no thread would ever write them.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -50,14 +52,14 @@ impl Shared {
     }
 }
 
-/// Hands out the sink every record is written to; see the module docs.
+/// Maker of the sinks that records are written to, all appending to the shared buffer.
 #[derive(Clone)]
 pub struct BatchWriter {
     shared: Arc<Shared>,
 }
 
-/// Writes what is still pending and stops the writer thread when dropped. Keep it until the
-/// process ends.
+/// Owner of the writer thread. Dropping it writes what is still pending and stops the thread, so
+/// keep it until the process ends.
 pub struct WriterGuard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -84,8 +86,10 @@ where
     let thread = match thread {
         Ok(thread) => Some(thread),
         Err(error) => {
-            // Without the thread no record would reach stdout, so the error goes to stderr.
-            eprintln!("api-relay: cannot start the log writer thread: {error}");
+            // Without the thread no record would reach stdout, so the error goes to stderr. The
+            // buffer is closed, so loggers drop their records instead of waiting for room.
+            eprintln!("api-relay: failed to start the log writer thread: {error}; log records are dropped");
+            shared.lock().closed = true;
             None
         }
     };
@@ -145,6 +149,9 @@ impl Write for RecordSink<'_> {
         let mut pending = self.shared.lock();
         while pending.bytes.len() >= MAX_PENDING_BYTES && !pending.closed {
             pending = self.shared.drained.wait(pending).unwrap_or_else(PoisonError::into_inner);
+        }
+        if pending.closed {
+            return Ok(record.len());
         }
         let before = pending.bytes.len();
         pending.bytes.extend_from_slice(record);
@@ -247,6 +254,19 @@ mod tests {
         drop(guard);
         let written: usize = batches.try_iter().map(|batch| batch.len()).sum();
         assert_eq!(written, (0..100).map(|n: i32| format!("{n}\n").len()).sum::<usize>());
+    }
+
+    #[test]
+    fn records_after_close_are_dropped() {
+        let (sender, batches) = mpsc::channel();
+        let (writer, guard) = spawn(Batches(sender));
+        drop(guard);
+        // 9 MiB: past the buffer's limit, where an open buffer would make the logger wait.
+        for _ in 0..9 {
+            record(&writer, &("x".repeat(1024 * 1024 - 1) + "\n"));
+        }
+        assert_eq!(batches.try_iter().count(), 0, "a record written after close reached the output");
+        assert!(writer.shared.lock().bytes.is_empty(), "records after close stay in the buffer");
     }
 
     #[test]
