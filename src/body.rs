@@ -273,10 +273,15 @@ pub async fn open_whole(source: Source, opener: RecordOpener, length: u64) -> Re
     if total != length {
         return Err(wrong_length(total));
     }
-    Ok(match parts.len() {
-        1 => parts.pop().unwrap_or_default(),
-        _ => parts.concat().into(),
-    })
+    Ok(join(parts))
+}
+
+/// Joins the chunks of a body into one buffer, without a copy when there is only one.
+pub fn join(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    }
 }
 
 /// Seals a whole `MTE` body: padded to its size bucket, then cut into records.

@@ -250,11 +250,7 @@ impl OutboundBody {
                 return Ok(OutboundBody::Streaming(Some(body::prepend(chunks, source))));
             }
         }
-        let whole = match chunks.len() {
-            1 => chunks.pop().unwrap_or_default(),
-            _ => chunks.concat().into(),
-        };
-        Ok(OutboundBody::Buffered(whole))
+        Ok(OutboundBody::Buffered(body::join(chunks)))
     }
 
     fn is_replayable(&self) -> bool {
