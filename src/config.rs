@@ -25,9 +25,6 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 30;
 /// Default seconds an upstream (relay B, or B's API) may take to answer before the relay
 /// returns 504.
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 30;
-/// Default number of pairs relay A keeps per peer, so concurrent exchanges spread over several
-/// session actors.
-pub const DEFAULT_PAIR_POOL_SIZE: usize = 4;
 /// Default replay window in sequence numbers: how far exchanges of one pair may overtake each
 /// other on the way to relay B.
 pub const DEFAULT_REPLAY_WINDOW: u64 = 1024;
@@ -328,6 +325,7 @@ impl Config {
             }
         };
         let default_workers = std::thread::available_parallelism().map_or(2, usize::from);
+        let workers = reader.positive("WORKERS", "workers", default_workers);
         Some(Self {
             bind_address: reader.parsed(
                 "BIND_ADDRESS",
@@ -348,7 +346,14 @@ impl Config {
                 "upstreamTimeoutSecs",
                 DEFAULT_UPSTREAM_TIMEOUT_SECS,
             )),
-            pair_pool_size: reader.positive("PAIR_POOL_SIZE", "pairPoolSize", DEFAULT_PAIR_POOL_SIZE),
+            // One pair per worker: each worker of relay A allocates from a session of its own, and
+            // relay B's replay checks cover as many exchanges per pair as they can. At most what
+            // a relay B with default settings grants in one pairing request.
+            pair_pool_size: reader.positive(
+                "PAIR_POOL_SIZE",
+                "pairPoolSize",
+                workers.min(DEFAULT_MAX_PAIRS_PER_REQUEST),
+            ),
             replay_window: bounded_window(reader),
             retry_buffer_bytes: reader.parsed(
                 "RETRY_BUFFER_BYTES",
@@ -401,7 +406,7 @@ impl Config {
                 DEFAULT_SHUTDOWN_GRACE_SECS,
                 "a whole number of seconds",
             )),
-            workers: reader.positive("WORKERS", "workers", default_workers),
+            workers,
             redis_pool_size: reader.positive("REDIS_POOL_SIZE", "redisPoolSize", DEFAULT_REDIS_POOL_SIZE),
             redis_timeout: Duration::from_millis(reader.positive(
                 "REDIS_TIMEOUT_MS",
@@ -579,8 +584,20 @@ mod tests {
         let config = Config::from_sources(&sources(&REQUIRED, &[])).unwrap();
         assert_eq!(config.port, DEFAULT_PORT);
         assert!(!config.debug);
-        assert_eq!(config.pair_pool_size, DEFAULT_PAIR_POOL_SIZE);
+        assert_eq!(config.pair_pool_size, config.workers);
         assert_eq!(config.upstream.path(), "/api");
+    }
+
+    #[test]
+    fn pair_pool_follows_workers_unless_set() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let pairs: Vec<_> = REQUIRED.iter().chain(extra).copied().collect();
+            Config::from_sources(&sources(&pairs, &[])).unwrap()
+        };
+        assert_eq!(with(&[("WORKERS", "3")]).pair_pool_size, 3);
+        assert_eq!(with(&[("WORKERS", "40")]).pair_pool_size, DEFAULT_MAX_PAIRS_PER_REQUEST);
+        let set = with(&[("WORKERS", "3"), ("PAIR_POOL_SIZE", "5")]);
+        assert_eq!((set.workers, set.pair_pool_size), (3, 5));
     }
 
     #[test]

@@ -26,8 +26,9 @@ const RECORD_WAIT: Duration = Duration::from_secs(5);
 const LOG_WAIT: Duration = Duration::from_secs(5);
 /// Name of the header that carries the sealed header block.
 const RELAY_EH_HEADER: &str = "x-mte-relay-eh";
-/// Pairs relay A creates per peer when `PAIR_POOL_SIZE` is not set.
-const DEFAULT_PAIR_POOL_SIZE: f64 = 4.0;
+/// Worker threads of relay A in the metrics test. Without `PAIR_POOL_SIZE`, relay A creates one
+/// pair per worker, so both relays hold this many sessions.
+const WORKERS_A: &str = "3";
 /// Route template that outbound and inbound exchanges match.
 const EXCHANGE_ROUTE: &str = "*";
 /// Path of the Grafana dashboard, relative to the package root.
@@ -268,7 +269,7 @@ async fn send_exchange_bytes(addr: &str, request: &[u8]) -> u16 {
 #[tokio::test]
 async fn metrics_follow_real_traffic() {
     let upstream = Upstream::start();
-    let pair = RelayPair::start(&upstream.url(), &[]);
+    let pair = RelayPair::start_with(&upstream.url(), &[("WORKERS", WORKERS_A)], &[]);
     let recorder = TcpRecorder::start(&pair.b.url());
     let client = client();
     // Bodies from 1 byte to several 64 KiB records, and one padded MTE body.
@@ -336,7 +337,8 @@ async fn metrics_follow_real_traffic() {
     relay_a.expect("relay_pairings_total", &[("side", "outbound"), ("result", "succeeded")], 1.0);
     relay_a.expect("relay_pairings_total", &[("side", "outbound"), ("result", "failed")], 0.0);
     relay_a.expect_total("relay_pairings_total", 2.0);
-    relay_a.expect("relay_active_sessions", &[], DEFAULT_PAIR_POOL_SIZE);
+    let pool_size: f64 = WORKERS_A.parse().expect("a number");
+    relay_a.expect("relay_active_sessions", &[], pool_size);
     relay_a.expect_total("relay_errors_total", 0.0);
     relay_a.expect_total("relay_retries_total", 0.0);
     relay_a.expect_total("relay_repairs_total", 0.0);
@@ -365,7 +367,7 @@ async fn metrics_follow_real_traffic() {
     relay_b.expect("relay_pairings_total", &[("side", "inbound"), ("result", "succeeded")], 1.0);
     relay_b.expect("relay_pairings_total", &[("side", "inbound"), ("result", "failed")], 0.0);
     relay_b.expect_total("relay_pairings_total", 2.0);
-    relay_b.expect("relay_active_sessions", &[], DEFAULT_PAIR_POOL_SIZE);
+    relay_b.expect("relay_active_sessions", &[], pool_size);
     relay_b.expect("relay_replays_rejected_total", &[], 1.0);
     relay_b.expect("relay_tampered_total", &[], 1.0);
     relay_b.expect("relay_errors_total", &[("code", "replayed")], 1.0);
@@ -373,9 +375,13 @@ async fn metrics_follow_real_traffic() {
     relay_b.expect_total("relay_errors_total", 2.0);
     relay_b.expect_total("relay_retries_total", 0.0);
     // One save per pair of the pool, one lookup per exchange: five accepted and two rejected.
-    relay_b.expect("relay_store_operations_total", &[("operation", "save_pair"), ("result", "ok")], 4.0);
+    relay_b.expect(
+        "relay_store_operations_total",
+        &[("operation", "save_pair"), ("result", "ok")],
+        pool_size,
+    );
     relay_b.expect("relay_store_operations_total", &[("operation", "find_pair"), ("result", "ok")], 7.0);
-    relay_b.expect_total("relay_store_operations_total", 11.0);
+    relay_b.expect_total("relay_store_operations_total", pool_size + 7.0);
     relay_b.expect_positive("process_resident_memory_bytes", &[]);
 
     let mismatches: Vec<String> = relay_a.mismatches.into_iter().chain(relay_b.mismatches).collect();
