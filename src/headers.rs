@@ -90,6 +90,29 @@ pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -
         .collect()
 }
 
+/// Formats an IP address the way `Display` does. IPv4 addresses, the common case, are
+/// written digit by digit: `Display` formats them through a padding formatter, about 1,300
+/// instructions per address (callgrind, Rust 1.95).
+pub fn ip_text(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 /// Merges the application's `X-Forwarded-For` lines and its address into one line, and sets
 /// `X-Forwarded-Proto`, so the upstream API sees exactly one of each.
 pub fn add_forwarded(fields: &mut Vec<Field>, client_ip: Option<String>, scheme: &str) {
@@ -197,6 +220,22 @@ pub fn decode_block(bytes: &[u8], pseudo: &str, limits: FieldLimits) -> Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn ip_text_matches_display() {
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for octet in 0..=255u8 {
+            addresses.push(Ipv4Addr::new(octet, 0, 9, 255 - octet).into());
+            addresses.push(Ipv4Addr::new(10, octet, octet / 3, 1).into());
+        }
+        addresses.push(Ipv6Addr::LOCALHOST.into());
+        addresses.push(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0xff00, 0x42, 0x8329).into());
+        addresses.push(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().into());
+        for address in addresses {
+            assert_eq!(ip_text(address), address.to_string());
+        }
+    }
 
     fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -95,7 +95,7 @@ async fn open(
     let relay = RelayHeader::parse(value.as_bytes())?;
     crate::telemetry::note(request, |fields| {
         fields.pair = Some(relay.pair_id.short());
-        fields.peer = request.peer_addr().map(|address| address.ip().to_string());
+        fields.peer = request.peer_addr().map(|address| headers::ip_text(address.ip()));
     });
     state.signer.verify(&relay.client_id)?;
     let session = find_session(&relay, state).await?;

@@ -55,7 +55,9 @@ pub async fn forward(
 /// `Content-Length` when the application sent one), then `HEADERS`.
 fn build_request(opened: &OpenedRequest, state: &RelayState) -> Result<http::request::Builder, RelayError> {
     let invalid = || RelayError::relay(RelayCode::OpenFailed, "opened request is not valid HTTP");
-    let url = format!("{}{}", state.upstream_base, opened.path_and_query);
+    let mut url = String::with_capacity(state.upstream_base.len() + opened.path_and_query.len());
+    url.push_str(&state.upstream_base);
+    url.push_str(&opened.path_and_query);
     let method = http::Method::from_bytes(opened.method.as_str().as_bytes()).map_err(|_| invalid())?;
     let mut request = http::Request::builder().method(method).uri(url);
     let headers = request.headers_mut().ok_or_else(invalid)?;

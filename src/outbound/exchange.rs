@@ -108,7 +108,7 @@ impl SealedRequest {
     /// `MAX_HEADER_BYTES`, the limits relay B opens it with when both relays share the settings.
     pub fn plain_parts(request: &HttpRequest, limits: FieldLimits) -> Result<PlainParts, RelayError> {
         let mut fields = headers::end_to_end(request.headers());
-        let client_ip = request.peer_addr().map(|address| address.ip().to_string());
+        let client_ip = request.peer_addr().map(|address| headers::ip_text(address.ip()));
         headers::add_forwarded(&mut fields, client_ip, request.connection_info().scheme());
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
         let method = request.method().clone();
@@ -134,7 +134,13 @@ impl SealedRequest {
         let request_cipher = ItemCipher::new(key(Direction::Request), context.clone());
         let response_cipher = ItemCipher::new(key(Direction::Response), context.reversed());
         let path = match options.flags.url {
-            true => format!("/{}", B64.encode(request_cipher.seal_url(plain.path_and_query.as_bytes()))),
+            true => {
+                let sealed_url = request_cipher.seal_url(plain.path_and_query.as_bytes());
+                let mut path = String::with_capacity(1 + sealed_url.len().div_ceil(3) * 4);
+                path.push('/');
+                B64.encode_string(sealed_url, &mut path);
+                path
+            }
             false => plain.path_and_query.clone(),
         };
         let block = match options.flags.headers {

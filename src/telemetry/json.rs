@@ -115,8 +115,17 @@ fn write_string(writer: &mut impl fmt::Write, text: &str) -> fmt::Result {
 /// characters, as serde_json does. Everything else passes unchanged.
 struct Escaped<'a, W: fmt::Write>(&'a mut W);
 
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        // Most text needs no escape. A scan without an early exit lets the compiler check
+        // many bytes per instruction.
+        if !text.bytes().fold(false, |found, byte| found | needs_escape(byte)) {
+            return self.0.write_str(text);
+        }
         let mut plain = 0;
         for (index, byte) in text.bytes().enumerate() {
             let escape = match byte {
