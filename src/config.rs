@@ -346,9 +346,9 @@ impl Config {
                 "upstreamTimeoutSecs",
                 DEFAULT_UPSTREAM_TIMEOUT_SECS,
             )),
-            // One pair per worker: each worker of relay A allocates from a session of its own, and
-            // relay B's replay checks cover as many exchanges per pair as they can. At most what
-            // a relay B with default settings grants in one pairing request.
+            // Relay A defaults to one pair per worker. Each worker then allocates from a session of
+            // its own, and relay B's replay checks cover as many exchanges per pair as they can.
+            // The default stays within what a relay B with default settings grants at once.
             pair_pool_size: reader.positive(
                 "PAIR_POOL_SIZE",
                 "pairPoolSize",
@@ -430,6 +430,9 @@ impl Config {
         }
         if self.outbound_allowlist.is_empty() {
             warnings.push("OUTBOUND_ALLOWLIST (outboundAllowlist) is empty: any caller with the outbound token can reach any host".to_owned());
+        }
+        if self.pair_pool_size > DEFAULT_MAX_PAIRS_PER_REQUEST {
+            warnings.push(format!("PAIR_POOL_SIZE (pairPoolSize) is {}, above the {DEFAULT_MAX_PAIRS_PER_REQUEST} pairs that a relay B with the default MAX_PAIRS_PER_REQUEST accepts, so such a peer rejects the pairing with 564", self.pair_pool_size));
         }
         if self.pairing_psk.is_none() {
             warnings.push("PAIRING_PSK (pairingPsk) is not set: pairing is only as trustworthy as the transport between the relays; use HTTPS between them".to_owned());
@@ -596,6 +599,10 @@ mod tests {
         };
         assert_eq!(with(&[("WORKERS", "3")]).pair_pool_size, 3);
         assert_eq!(with(&[("WORKERS", "40")]).pair_pool_size, DEFAULT_MAX_PAIRS_PER_REQUEST);
+        let pool_warning =
+            |config: &Config| config.warnings().iter().any(|text| text.contains("PAIR_POOL_SIZE"));
+        assert!(!pool_warning(&with(&[("WORKERS", "40")])));
+        assert!(pool_warning(&with(&[("PAIR_POOL_SIZE", "17")])));
         let set = with(&[("WORKERS", "3"), ("PAIR_POOL_SIZE", "5")]);
         assert_eq!((set.workers, set.pair_pool_size), (3, 5));
     }

@@ -82,7 +82,9 @@ impl From<&ProtocolError> for RelayCode {
             ProtocolError::UnsupportedVersion { .. } => RelayCode::UnsupportedVersion,
             ProtocolError::MalformedRelayHeader { .. } => RelayCode::MalformedRelayHeader,
             ProtocolError::InvalidClientId => RelayCode::InvalidClientId,
-            ProtocolError::Pairing { .. } | ProtocolError::KeyConfirmation => RelayCode::PairingRejected,
+            ProtocolError::Pairing { .. }
+            | ProtocolError::OfferCount { .. }
+            | ProtocolError::KeyConfirmation => RelayCode::PairingRejected,
             ProtocolError::OpenFailed { .. }
             | ProtocolError::MalformedPadding
             | ProtocolError::MalformedHeaders { .. } => RelayCode::OpenFailed,
@@ -115,8 +117,8 @@ pub enum RelayError {
     #[error("{message}")]
     Relay { code: RelayCode, message: String },
     /// Outbound: the peer returned a relay error that a retry did not fix.
-    #[error("peer relay rejected the exchange with status {status}")]
-    PeerRejected { status: u16 },
+    #[error("peer relay rejected the {stage} with status {status}")]
+    PeerRejected { stage: &'static str, status: u16 },
     /// The next hop (peer relay or upstream API) could not be reached.
     #[error("{hop} unreachable")]
     Unreachable { hop: &'static str },

@@ -202,7 +202,11 @@ fn pairing_request_for_too_many_pairs_gets_564() {
 
         let (status, body) = get_with_headers(&pair, "/echo/pool", &[]).await;
         assert_eq!(status, 502, "relay A asks for a pool of 3 pairs: {body}");
+        assert!(body.contains("rejected the pairing request with status 564"), "{body}");
     });
+    // The direct request and relay A's own pairing request each log the offer count and limit.
+    let rejected = "pairing request offers 3 pairs, but this relay accepts 1 to 2";
+    assert!(count_log_lines(&pair.b, rejected, 2) >= 2, "{}", pair.b.output_report());
     assert_eq!(upstream.request_count(), 0, "no exchange reaches the upstream");
     assert!(
         count_log_lines(&pair.a, "peer relay rejected the pairing request", 1) >= 1,

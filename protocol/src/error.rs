@@ -17,6 +17,11 @@ pub enum ProtocolError {
     /// A pairing message is malformed or its key agreement failed.
     #[error("pairing failed: {reason}")]
     Pairing { reason: &'static str },
+    /// A pairing request offers no pairs, or more than the responder accepts in one request.
+    #[error(
+        "pairing request offers {offered} pairs, but this relay accepts 1 to {max} (MAX_PAIRS_PER_REQUEST)"
+    )]
+    OfferCount { offered: usize, max: usize },
     /// Key confirmation failed: the two sides derived different keys.
     #[error(
         "pairing key confirmation failed: PAIRING_PSK differs between the relays, or the handshake was altered in transit"

@@ -248,7 +248,7 @@ pub fn respond(
 ) -> Result<(PairingResponse, Vec<Pair>), ProtocolError> {
     check_version(request.version)?;
     if request.pairs.is_empty() || request.pairs.len() > max_pairs {
-        return Err(pairing_error("request must offer between 1 and the configured maximum of pairs"));
+        return Err(ProtocolError::OfferCount { offered: request.pairs.len(), max: max_pairs });
     }
     let mut answers = Vec::with_capacity(request.pairs.len());
     let mut pairs: Vec<Pair> = Vec::with_capacity(request.pairs.len());

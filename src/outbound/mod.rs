@@ -115,7 +115,7 @@ async fn relay_exchange(
                 state.metrics.repair(code);
                 state.pool.discard(origin, &lease, code == RelayCode::InvalidClientId);
                 if !retryable {
-                    return Err(RelayError::PeerRejected { status });
+                    return Err(RelayError::PeerRejected { stage: "exchange", status });
                 }
                 tracing::warn!(peer = %origin, status, reason = code.name(), "peer relay rejected the pair; pairing again and retrying once");
                 state.metrics.retry(code);
@@ -123,7 +123,7 @@ async fn relay_exchange(
             Some(code) => {
                 state.metrics.relay_error(code);
                 tracing::warn!(peer = %origin, status, reason = code.name(), "peer relay rejected the exchange");
-                return Err(RelayError::PeerRejected { status });
+                return Err(RelayError::PeerRejected { stage: "exchange", status });
             }
         }
     }
@@ -162,7 +162,7 @@ fn application_error(error: RelayError) -> RelayError {
     match error {
         RelayError::Relay { code, message } => {
             tracing::warn!(reason = code.name(), %message, "exchange with the peer relay failed");
-            RelayError::PeerRejected { status: code as u16 }
+            RelayError::PeerRejected { stage: "exchange", status: code as u16 }
         }
         other => other,
     }

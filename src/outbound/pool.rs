@@ -243,7 +243,7 @@ impl PairPool {
                 Some(RelayCode::InvalidClientId) => {
                     RelayError::relay(RelayCode::InvalidClientId, "peer rejected the client id")
                 }
-                _ => RelayError::PeerRejected { status },
+                _ => RelayError::PeerRejected { stage: "pairing request", status },
             });
         }
         let answer: PairingResponse =
