@@ -677,10 +677,27 @@ async fn markers_stay_sealed_between_relays_mte() {
 
 // Recovery and concurrency.
 
+/// Reads the `relay_active_sessions` gauge from a relay's `/metrics`.
+async fn active_sessions(client: &reqwest::Client, relay_url: &str) -> f64 {
+    let text = client
+        .get(format!("{relay_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics request failed")
+        .text()
+        .await
+        .expect("metrics body is text");
+    text.lines()
+        .find_map(|line| line.strip_prefix("relay_active_sessions "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no relay_active_sessions in /metrics:\n{text}"))
+}
+
 #[tokio::test]
 async fn restarted_peer_is_paired_again_transparently() {
     let upstream = Upstream::start();
-    let mut pair = RelayPair::start(&upstream.url(), &[]);
+    // Two workers, so relay A's pool contains two pairs.
+    let mut pair = RelayPair::start_with(&upstream.url(), &[("WORKERS", "2")], &[]);
     let client = client();
     let first = outbound(&client, &pair.a.url(), &pair.b.url(), Method::POST, "/echo/before")
         .body("before")
@@ -709,6 +726,17 @@ async fn restarted_peer_is_paired_again_transparently() {
         line.contains("pairing again") && line.contains("\"status\":560")
     });
     assert!(retried.is_some(), "relay A logged no retry after 560\n{}", pair.a.output_report());
+
+    // The sessions of the dropped pool leave memory, so only the new pool's two remain.
+    let mut sessions = active_sessions(&client, &pair.a.url()).await;
+    for _ in 0..50 {
+        if sessions == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sessions = active_sessions(&client, &pair.a.url()).await;
+    }
+    assert_eq!(sessions, 2.0, "relay A's sessions after pairing again\n{}", pair.a.output_report());
 }
 
 #[tokio::test]

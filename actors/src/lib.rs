@@ -35,7 +35,7 @@ pub mod workers;
 pub use redis_store::{RedisSettings, RedisStore};
 pub use registry::{SessionHandle, SessionRegistry};
 pub use session::{
-    AcceptSeq, AllocateSeq, Exchange, PeerSession, SEQ_BLOCK, SeqReply, SessionError, SessionLimits,
+    AcceptSeq, AllocateSeq, Exchange, PeerSession, Retire, SEQ_BLOCK, SeqReply, SessionError, SessionLimits,
 };
 pub use snapshot::{PairSnapshot, Role};
 pub use store::{MemoryStore, PoolRecord, SeqCheck, StateStore, StoreError};

@@ -54,6 +54,13 @@ pub struct AcceptSeq {
     pub seq: u64,
 }
 
+/// Relay A dropped the pool this pair belonged to, so no exchange of this process uses it again.
+/// The session leaves memory at once, as it would after `idle_timeout`. With a shared store the
+/// pair stays stored for other processes, otherwise it is removed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 /// The expiry timer asks the session to check its limits.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -409,6 +416,18 @@ impl Handler<CheckExpiry> for PeerSession {
             self.expire(ctx);
         } else if self.shared && self.snapshot.role == Role::Outbound && self.last_used > self.refreshed {
             self.refresh(ctx);
+        }
+    }
+}
+
+impl Handler<Retire> for PeerSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        if self.shared {
+            self.evict(ctx);
+        } else {
+            self.expire(ctx);
         }
     }
 }

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use api_relay_actors::{PairSnapshot, PoolRecord, Role, SessionHandle, SessionRegistry, StoreError, Workers};
+use api_relay_actors::{
+    PairSnapshot, PoolRecord, Retire, Role, SessionHandle, SessionRegistry, StoreError, Workers,
+};
 use api_relay_protocol::pairing::{PairingInitiator, PairingResponse};
 use api_relay_protocol::{ClientId, ProtocolError};
 
@@ -138,7 +140,12 @@ impl PairPool {
         if state.generation != lease.generation {
             return;
         }
-        state.pairs.clear();
+        // The dropped sessions take no more exchanges here, so they leave memory now instead of
+        // once they have been idle for `PAIR_IDLE_TIMEOUT_SECS`. An exchange that still holds a
+        // lease of them gets a closed mailbox and takes a pair of the next pool.
+        for session in state.pairs.drain(..) {
+            session.addr.do_send(Retire);
+        }
         if forget_client_id {
             state.client_id = None;
         }
