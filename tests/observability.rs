@@ -27,7 +27,7 @@ const LOG_WAIT: Duration = Duration::from_secs(5);
 /// Name of the header that carries the sealed header block.
 const RELAY_EH_HEADER: &str = "x-mte-relay-eh";
 /// Worker threads of relay A in the metrics test. Without `PAIR_POOL_SIZE`, relay A creates one
-/// pair per worker, so both relays hold this many sessions.
+/// pair per worker, so both relays keep this many sessions.
 const WORKERS_A: &str = "3";
 /// Route template that outbound and inbound exchanges match.
 const EXCHANGE_ROUTE: &str = "*";

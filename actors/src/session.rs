@@ -55,8 +55,7 @@ pub struct AcceptSeq {
 }
 
 /// Relay A dropped the pool this pair belonged to, so no exchange of this process uses it again.
-/// The session leaves memory at once, as it would after `idle_timeout`. With a shared store the
-/// pair stays stored for other processes, otherwise it is removed.
+/// The session stops at once, as it would after `idle_timeout`.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Retire;
@@ -195,6 +194,16 @@ impl PeerSession {
         self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
         self.reply_to_waiting(|| Err(SessionError::Expired));
         ctx.stop();
+    }
+
+    /// Stops a session this process no longer uses: with a shared store other processes may
+    /// still use the pair, so it stays stored, otherwise it is removed.
+    fn leave_memory(&mut self, ctx: &mut Context<Self>) {
+        if self.shared {
+            self.evict(ctx);
+        } else {
+            self.expire(ctx);
+        }
     }
 
     /// Stops the session and removes it from this process's memory only.
@@ -410,10 +419,8 @@ impl Handler<CheckExpiry> for PeerSession {
     fn handle(&mut self, _: CheckExpiry, ctx: &mut Self::Context) {
         if self.worn_out() {
             self.expire(ctx);
-        } else if self.idle() && self.shared {
-            self.evict(ctx);
         } else if self.idle() {
-            self.expire(ctx);
+            self.leave_memory(ctx);
         } else if self.shared && self.snapshot.role == Role::Outbound && self.last_used > self.refreshed {
             self.refresh(ctx);
         }
@@ -424,11 +431,7 @@ impl Handler<Retire> for PeerSession {
     type Result = ();
 
     fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
-        if self.shared {
-            self.evict(ctx);
-        } else {
-            self.expire(ctx);
-        }
+        self.leave_memory(ctx);
     }
 }
 

@@ -55,9 +55,7 @@ pub async fn forward(
 /// `Content-Length` when the application sent one), then `HEADERS`.
 fn build_request(opened: &OpenedRequest, state: &RelayState) -> Result<http::request::Builder, RelayError> {
     let invalid = || RelayError::relay(RelayCode::OpenFailed, "opened request is not valid HTTP");
-    let mut url = String::with_capacity(state.upstream_base.len() + opened.path_and_query.len());
-    url.push_str(&state.upstream_base);
-    url.push_str(&opened.path_and_query);
+    let url = [state.upstream_base.as_str(), opened.path_and_query.as_str()].concat();
     let method = http::Method::from_bytes(opened.method.as_str().as_bytes()).map_err(|_| invalid())?;
     let mut request = http::Request::builder().method(method).uri(url);
     let headers = request.headers_mut().ok_or_else(invalid)?;

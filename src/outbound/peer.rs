@@ -64,10 +64,7 @@ impl PeerOrigin {
 
     /// The peer's URL for `path_and_query`, which starts with `/`.
     pub fn url(&self, path_and_query: &str) -> String {
-        let mut url = String::with_capacity(self.base.len() + path_and_query.len());
-        url.push_str(&self.base);
-        url.push_str(path_and_query);
-        url
+        [self.base.as_str(), path_and_query].concat()
     }
 
     /// Whether `OUTBOUND_ALLOWLIST` admits this peer; an empty list admits every peer.
