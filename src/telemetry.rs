@@ -108,8 +108,12 @@ impl RootSpanBuilder for RequestLog {
         }
         // Relayed exchanges and the 569 fallback match any path: their route is `*`.
         let route = request.match_pattern().unwrap_or_else(|| "*".to_owned());
-        let request_id = extensions.get::<RequestId>().map(ToString::to_string).unwrap_or_default();
-        let exchange = extensions.get::<ExchangeFields>().cloned().unwrap_or_default();
+        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let request_id = match extensions.get::<RequestId>() {
+            Some(id) => &*id.hyphenated().encode_lower(&mut id_text),
+            None => "",
+        };
+        let exchange = extensions.get::<ExchangeFields>();
         let _entered = span.enter();
         // Text fields go in as `&str`, which the JSON format writes without a formatting pass.
         tracing::info!(
@@ -118,10 +122,10 @@ impl RootSpanBuilder for RequestLog {
             status,
             latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             role = role.as_str(),
-            request_id = request_id.as_str(),
-            peer = exchange.peer.as_deref().unwrap_or(""),
-            pair = exchange.pair.as_deref().unwrap_or(""),
-            upstream_status = exchange.upstream_status.unwrap_or(0),
+            request_id,
+            peer = exchange.and_then(|fields| fields.peer.as_deref()).unwrap_or(""),
+            pair = exchange.and_then(|fields| fields.pair.as_deref()).unwrap_or(""),
+            upstream_status = exchange.and_then(|fields| fields.upstream_status).unwrap_or(0),
             "request"
         );
     }

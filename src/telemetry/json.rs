@@ -33,7 +33,9 @@ where
         writer.write_str("{\"timestamp\":\"")?;
         write_timestamp(&mut writer, SystemTime::now())?;
         let metadata = event.metadata();
-        write!(writer, "\",\"level\":\"{}\",\"fields\":{{", metadata.level())?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(metadata.level().as_str())?;
+        writer.write_str("\",\"fields\":{")?;
         let mut fields = Fields { writer: &mut writer, first: true, result: Ok(()) };
         event.record(&mut fields);
         fields.result?;
@@ -82,25 +84,29 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |writer| write!(writer, "{value}"));
+        self.member(field, |writer| writer.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |writer| write!(writer, "{value}"));
+        self.member(field, |writer| writer.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.member(field, |writer| write!(writer, "{value}"));
+        self.member(field, |writer| writer.write_str(if value { "true" } else { "false" }));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.member(field, |writer| match value.is_finite() {
-            // JSON has no NaN or infinity.
-            false => writer.write_str("null"),
-            // A whole number keeps its ".0", as serde_json writes it.
-            true if value.fract() == 0.0 && value.abs() < 1e15 => write!(writer, "{value:.1}"),
-            true => write!(writer, "{value}"),
-        });
+        self.member(field, |writer| write_float(writer, value));
+    }
+}
+
+/// Writes `value` as serde_json does: the shortest text that reads back as the same number,
+/// `.0` on whole numbers, an exponent such as `1e+16` for very small and very large numbers, and
+/// `null` for NaN and the infinities, which JSON cannot hold.
+fn write_float(writer: &mut impl fmt::Write, value: f64) -> fmt::Result {
+    match value.is_finite() {
+        true => writer.write_str(zmij::Buffer::new().format_finite(value)),
+        false => writer.write_str("null"),
     }
 }
 
@@ -155,14 +161,25 @@ fn write_timestamp(writer: &mut impl fmt::Write, time: SystemTime) -> fmt::Resul
     let seconds = since_epoch.as_secs();
     let (year, month, day) = civil_date(seconds / 86_400);
     let of_day = seconds % 86_400;
-    write!(
-        writer,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60,
-        since_epoch.subsec_micros()
-    )
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    put_digits(&mut text[0..4], year);
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    put_digits(&mut text[11..13], of_day / 3600);
+    put_digits(&mut text[14..16], of_day % 3600 / 60);
+    put_digits(&mut text[17..19], of_day % 60);
+    put_digits(&mut text[20..26], u64::from(since_epoch.subsec_micros()));
+    // Only ASCII digits went into the template, so it is still UTF-8.
+    writer.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+}
+
+/// Writes the last `digits.len()` decimal digits of `value` into `digits`, zero-padded.
+fn put_digits(digits: &mut [u8], mut value: u64) {
+    for digit in digits.iter_mut().rev() {
+        // `value % 10` is below 10, so the cast keeps it whole.
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Year, month and day of the proleptic Gregorian calendar for `days` since 1970-01-01.
@@ -250,6 +267,8 @@ mod tests {
                 method = %"POST",
                 status = 200u16,
                 offset = -3i64,
+                largest = u64::MAX,
+                smallest = i64::MIN,
                 latency_ms = 0.25,
                 whole_ms = 2.0,
                 sealed = true,
@@ -270,13 +289,29 @@ mod tests {
             rest.trim_end(),
             concat!(
                 r#","level":"WARN","fields":{"message":"request \"1\"","method":"POST","status":200,"#,
-                r#""offset":-3,"latency_ms":0.25,"whole_ms":2.0,"sealed":true,"route":"*"},"#,
+                r#""offset":-3,"largest":18446744073709551615,"smallest":-9223372036854775808,"#,
+                r#""latency_ms":0.25,"whole_ms":2.0,"sealed":true,"route":"*"},"#,
                 r#""target":"api_relay::telemetry::json::tests"}"#
             )
         );
 
         let record: serde_json::Value = serde_json::from_str(&output).unwrap();
         assert_eq!(record["fields"]["message"], "request \"1\"");
+    }
+
+    #[test]
+    fn numbers_are_written_as_serde_json_writes_them() {
+        for value in [0.0, -0.0, 0.001, 0.25, 2.0, 123.456, 1e-7, 4.2e-5, 1e15, 1e16, -3.5, f64::MAX] {
+            let mut text = String::new();
+            write_float(&mut text, value).unwrap();
+            assert_eq!(text, serde_json::to_string(&value).unwrap(), "{value:e}");
+            assert_eq!(text.parse::<f64>().unwrap(), value);
+        }
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut text = String::new();
+            write_float(&mut text, value).unwrap();
+            assert_eq!(text, "null");
+        }
     }
 
     #[test]
