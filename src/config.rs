@@ -120,6 +120,8 @@ pub struct Config {
     pub bind_address: IpAddr,
     pub port: u16,
     pub debug: bool,
+    /// One record per finished request; off keeps warnings and errors only.
+    pub request_log: bool,
     pub log_format: LogFormat,
     /// Added to every proxied request and every response.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -255,8 +257,12 @@ impl Reader<'_> {
     }
 
     fn flag(&mut self, env: &str, key: &str) -> bool {
+        self.flag_or(env, key, false)
+    }
+
+    fn flag_or(&mut self, env: &str, key: &str, default: bool) -> bool {
         match self.raw(env, key).map(|text| text.to_ascii_lowercase()) {
-            None => false,
+            None => default,
             Some(text) if matches!(text.as_str(), "true" | "1" | "yes") => true,
             Some(text) if matches!(text.as_str(), "false" | "0" | "no") => false,
             Some(text) => {
@@ -335,6 +341,7 @@ impl Config {
             ),
             port: reader.parsed("PORT", "port", DEFAULT_PORT, "a port number 0-65535"),
             debug: reader.flag("DEBUG", "debug"),
+            request_log: reader.flag_or("REQUEST_LOG", "requestLog", true),
             log_format,
             headers,
             pairing_psk,
@@ -583,10 +590,29 @@ mod tests {
         [("UPSTREAM", "http://127.0.0.1:3000/api"), ("CLIENT_ID_SECRET", "s"), ("OUTBOUND_TOKEN", "t")];
 
     #[test]
+    fn request_log_turns_off_from_either_source() {
+        let off = [REQUIRED.as_slice(), &[("REQUEST_LOG", "false")]].concat();
+        assert!(!Config::from_sources(&sources(&off, &[])).unwrap().request_log);
+        let off_in_file = sources(&REQUIRED, &[("requestLog", "false")]);
+        assert!(!Config::from_sources(&off_in_file).unwrap().request_log);
+        let invalid = [REQUIRED.as_slice(), &[("REQUEST_LOG", "quiet")]].concat();
+        let error = Config::from_sources(&sources(&invalid, &[])).unwrap_err();
+        assert!(
+            error
+                .problems
+                .iter()
+                .any(|problem| problem.starts_with("REQUEST_LOG (requestLog): invalid value")),
+            "{:?}",
+            error.problems
+        );
+    }
+
+    #[test]
     fn defaults_apply() {
         let config = Config::from_sources(&sources(&REQUIRED, &[])).unwrap();
         assert_eq!(config.port, DEFAULT_PORT);
         assert!(!config.debug);
+        assert!(config.request_log);
         assert_eq!(config.pair_pool_size, config.workers);
         assert_eq!(config.upstream.path(), "/api");
     }

@@ -1,10 +1,10 @@
 //! Logging: JSON lines on stdout by default (log drivers such as CloudWatch's read stdout), or
 //! human-readable with `LOG_FORMAT=pretty`; `DEBUG=true` adds per-exchange debug records.
 //!
-//! `RequestLog` writes one record when a request ends: method, route template (`*` for a relayed
-//! exchange), status, latency, role and request id. It records no URL, header value or body, so
-//! nothing sealed ever reaches a log. It gives tracing-actix-web a span per request only when
-//! debug records are on, to tie them to their request.
+//! `RequestLog` writes one record when a request ends, unless `REQUEST_LOG=false`: method, route
+//! template (`*` for a relayed exchange), status, latency, role and request id. It records no
+//! URL, header value or body, so nothing sealed ever reaches a log. It gives tracing-actix-web a
+//! span per request only when debug records are on, to tie them to their request.
 
 mod json;
 mod writer;
@@ -105,6 +105,9 @@ impl RootSpanBuilder for RequestLog {
         let status = response.status().as_u16();
         if let Some(state) = request.app_data::<actix_web::web::Data<RelayState>>() {
             state.metrics.request_done(role, status, elapsed);
+            if !state.config.request_log {
+                return;
+            }
         }
         // Relayed exchanges and the 569 fallback match any path: their route is `*`.
         let route = request.match_pattern().unwrap_or_else(|| "*".to_owned());

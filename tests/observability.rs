@@ -801,6 +801,48 @@ async fn logs_contain_no_secrets() {
     );
 }
 
+#[tokio::test]
+async fn request_log_false_keeps_warnings_and_metrics_only() {
+    let quiet = [("REQUEST_LOG", "false")];
+    let upstream = Upstream::start();
+    let pair = RelayPair::start_with(&upstream.url(), &quiet, &quiet);
+    let client = client();
+
+    let response = outbound(&client, &pair.a.url(), &pair.b.url(), Method::POST, "/sink")
+        .body("counted, not logged")
+        .send()
+        .await
+        .expect("request through the relays failed");
+    assert_eq!(response.status(), 200);
+    let wrong_token =
+        outbound_with_token(&client, &pair.a.url(), &pair.b.url(), "wrong-token", Method::POST, "/sink")
+            .send()
+            .await
+            .expect("request to relay A failed");
+    assert_eq!(wrong_token.status(), 401);
+
+    let warning =
+        pair.a.wait_for_log(LOG_WAIT, |line| line.contains("invalid or missing x-mte-outbound-token"));
+    assert!(warning.is_some(), "relay A logged no warning for the wrong token:\n{}", pair.a.output_report());
+    let a = scrape(&client, &pair.a.url()).await;
+    let b = scrape(&client, &pair.b.url()).await;
+    let mut relay_a = MetricCheck::new("A", &a);
+    relay_a.expect("relay_requests_total", &[("role", "outbound"), ("status_class", "2xx")], 1.0);
+    relay_a.expect("relay_requests_total", &[("role", "outbound"), ("status_class", "4xx")], 1.0);
+    let mut relay_b = MetricCheck::new("B", &b);
+    // The pairing request and the exchange.
+    relay_b.expect("relay_requests_total", &[("role", "inbound"), ("status_class", "2xx")], 2.0);
+    let mismatches: Vec<String> = relay_a.mismatches.into_iter().chain(relay_b.mismatches).collect();
+    assert!(mismatches.is_empty(), "metrics differ:\n{}", mismatches.join("\n"));
+
+    // The writer sends records within 10 ms; a request record would have followed the warning.
+    std::thread::sleep(Duration::from_millis(300));
+    for (name, relay) in [("A", &pair.a), ("B", &pair.b)] {
+        let records = request_records(relay);
+        assert!(records.is_empty(), "relay {name} wrote request records with REQUEST_LOG=false: {records:?}");
+    }
+}
+
 // Shutdown.
 
 /// Returns whether a TCP connection to `addr` fails within 500 ms.
