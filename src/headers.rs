@@ -5,8 +5,10 @@
 //! relay. `x-mte-*` control headers never reach the upstream API or the application. `Host` is
 //! dropped so the client sets the next hop's authority, and `Expect` is answered by each hop.
 
+use std::borrow::Cow;
+
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use api_relay_protocol::fields::{self, Field, FieldLimits};
+use api_relay_protocol::fields::{self, FieldLimits};
 
 use crate::error::RelayError;
 
@@ -56,24 +58,28 @@ const HOP_BY_HOP: [&str; 8] = [
     "expect",
 ];
 
-/// Whether `name` must not be forwarded, given the names the `Connection` header lists.
-fn is_dropped(name: &HeaderName, connection_listed: &[String]) -> bool {
-    let name = name.as_str();
-    HOP_BY_HOP.contains(&name)
-        || name.starts_with("proxy-")
-        || name.starts_with(CONTROL_PREFIX)
-        || name == "host"
-        || connection_listed.iter().any(|listed| listed == name)
+/// One header line on its way into a block: the name borrowed from the message it came from,
+/// the value borrowed too unless the relay wrote it.
+pub type Line<'a> = (&'a [u8], Cow<'a, [u8]>);
+
+/// Whether the lowercase `name` must not be forwarded, given the names `Connection` lists.
+fn is_dropped(name: &[u8], connection_listed: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|dropped| dropped.as_bytes() == name)
+        || name.starts_with(b"proxy-")
+        || name.starts_with(CONTROL_PREFIX.as_bytes())
+        || name == b"host"
+        || connection_listed.iter().any(|listed| listed.as_bytes() == name)
 }
 
 /// The end-to-end headers of `headers`, in the order the map keeps: repeated names stay in
 /// their received order.
-pub fn end_to_end(headers: &HeaderMap) -> Vec<Field> {
+pub fn end_to_end(headers: &HeaderMap) -> Vec<Line<'_>> {
     end_to_end_pairs(headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())))
 }
 
-/// The end-to-end headers among (name, value) byte pairs with lowercase names, in the given order.
-pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Field> {
+/// The end-to-end headers among (name, value) pairs of a parsed header map, whose names are
+/// valid and lowercase, in the given order.
+pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Line<'a>> {
     let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
     let listed: Vec<String> = pairs
         .iter()
@@ -85,8 +91,8 @@ pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -
         .collect();
     pairs
         .into_iter()
-        .filter(|(name, _)| HeaderName::from_bytes(name).is_ok_and(|name| !is_dropped(&name, &listed)))
-        .map(|(name, value)| (name.to_vec(), value.to_vec()))
+        .filter(|(name, _)| !is_dropped(name, &listed))
+        .map(|(name, value)| (name, Cow::Borrowed(value)))
         .collect()
 }
 
@@ -115,9 +121,9 @@ pub fn ip_text(ip: std::net::IpAddr) -> String {
 
 /// Merges the application's `X-Forwarded-For` lines and its address into one line, and sets
 /// `X-Forwarded-Proto`, so the upstream API sees exactly one of each.
-pub fn add_forwarded(fields: &mut Vec<Field>, client_ip: Option<String>, scheme: &str) {
+pub fn add_forwarded(fields: &mut Vec<Line<'_>>, client_ip: Option<String>, scheme: &str) {
     let mut chain: Vec<String> = Vec::new();
-    fields.retain(|(name, value)| match name.as_slice() {
+    fields.retain(|(name, value)| match *name {
         b"x-forwarded-for" => {
             chain.push(String::from_utf8_lossy(value).trim().to_owned());
             false
@@ -128,16 +134,16 @@ pub fn add_forwarded(fields: &mut Vec<Field>, client_ip: Option<String>, scheme:
     chain.extend(client_ip);
     chain.retain(|entry| !entry.is_empty());
     if !chain.is_empty() {
-        fields.push((b"x-forwarded-for".to_vec(), chain.join(", ").into_bytes()));
+        fields.push((b"x-forwarded-for", Cow::Owned(chain.join(", ").into_bytes())));
     }
-    fields.push((b"x-forwarded-proto".to_vec(), scheme.as_bytes().to_vec()));
+    fields.push((b"x-forwarded-proto", Cow::Owned(scheme.as_bytes().to_vec())));
 }
 
 /// Encodes a block with its pseudo-field first.
-pub fn encode_block(pseudo: &str, pseudo_value: &str, fields: &[Field]) -> Vec<u8> {
+pub fn encode_block(pseudo: &str, pseudo_value: &str, fields: &[Line<'_>]) -> Vec<u8> {
     let mut all: Vec<(&[u8], &[u8])> = Vec::with_capacity(fields.len() + 1);
     all.push((pseudo.as_bytes(), pseudo_value.as_bytes()));
-    all.extend(fields.iter().map(|(name, value)| (name.as_slice(), value.as_slice())));
+    all.extend(fields.iter().map(|(name, value)| (*name, value.as_ref())));
     fields::encode(&all)
 }
 
@@ -150,7 +156,7 @@ pub fn encode_block(pseudo: &str, pseudo_value: &str, fields: &[Field]) -> Vec<u
 pub fn encode_limited(
     pseudo: &str,
     pseudo_value: &str,
-    fields: &[Field],
+    fields: &[Line<'_>],
     limits: FieldLimits,
 ) -> Result<Vec<u8>, String> {
     // The pseudo-field takes one of the block's lines.
@@ -205,12 +211,13 @@ pub fn decode_block(bytes: &[u8], pseudo: &str, limits: FieldLimits) -> Result<B
     if first_name != pseudo.as_bytes() {
         return Err(invalid("missing pseudo-field"));
     }
-    let pseudo = String::from_utf8(first_value).map_err(|_| invalid("pseudo-field is not text"))?;
+    let pseudo =
+        std::str::from_utf8(first_value).map_err(|_| invalid("pseudo-field is not text"))?.to_owned();
     let mut headers = Vec::with_capacity(iter.len());
     for (name, value) in iter {
-        let name = HeaderName::from_bytes(&name).map_err(|_| invalid("invalid header name"))?;
-        let value = HeaderValue::from_bytes(&value).map_err(|_| invalid("invalid header value"))?;
-        if !is_dropped(&name, &[]) {
+        let name = HeaderName::from_bytes(name).map_err(|_| invalid("invalid header name"))?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| invalid("invalid header value"))?;
+        if !is_dropped(name.as_str().as_bytes(), &[]) {
             headers.push((name, value));
         }
     }
@@ -260,8 +267,8 @@ mod tests {
             ("te", b"trailers"),
             ("accept", b"*/*"),
         ]);
-        let names: Vec<Vec<u8>> = end_to_end(&headers).into_iter().map(|(name, _)| name).collect();
-        assert_eq!(names, vec![b"accept".to_vec()]);
+        let names: Vec<&[u8]> = end_to_end(&headers).into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names, vec![b"accept".as_slice()]);
     }
 
     #[test]
@@ -269,7 +276,7 @@ mod tests {
         let headers = map(&[("x-multi", b"one"), ("x-multi", b"two"), ("x-bin", &[0x80, 0xfe])]);
         let fields = end_to_end(&headers);
         let multi: Vec<&[u8]> =
-            fields.iter().filter(|(n, _)| n == b"x-multi").map(|(_, v)| v.as_slice()).collect();
+            fields.iter().filter(|(n, _)| *n == b"x-multi").map(|(_, v)| v.as_ref()).collect();
         assert_eq!(multi, vec![b"one".as_slice(), b"two"]);
         let block = encode_block(PSEUDO_METHOD, "GET", &fields);
         let limits = FieldLimits { max_fields: 10, max_bytes: 1000 };
@@ -280,17 +287,18 @@ mod tests {
 
     #[test]
     fn forwarded_headers_become_one_line_each() {
+        let line = |name: &'static [u8], value: &'static [u8]| (name, Cow::Borrowed(value));
         let mut fields = vec![
-            (b"x-forwarded-for".to_vec(), b"10.0.0.1".to_vec()),
-            (b"x-forwarded-for".to_vec(), b"10.0.0.2".to_vec()),
-            (b"x-forwarded-proto".to_vec(), b"http".to_vec()),
+            line(b"x-forwarded-for", b"10.0.0.1"),
+            line(b"x-forwarded-for", b"10.0.0.2"),
+            line(b"x-forwarded-proto", b"http"),
         ];
         add_forwarded(&mut fields, Some("192.0.2.7".into()), "https");
         assert_eq!(
             fields,
             vec![
-                (b"x-forwarded-for".to_vec(), b"10.0.0.1, 10.0.0.2, 192.0.2.7".to_vec()),
-                (b"x-forwarded-proto".to_vec(), b"https".to_vec()),
+                line(b"x-forwarded-for", b"10.0.0.1, 10.0.0.2, 192.0.2.7"),
+                line(b"x-forwarded-proto", b"https"),
             ]
         );
     }

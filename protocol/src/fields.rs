@@ -24,27 +24,31 @@ pub struct FieldLimits {
     pub max_bytes: usize,
 }
 
-/// Encodes fields in order.
+/// One header line as [`decode`] returns it: name and value bytes borrowed from the block.
+pub type FieldRef<'a> = (&'a [u8], &'a [u8]);
+
+/// Encodes fields in order, into one buffer of the exact size.
 pub fn encode<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> Vec<u8> {
-    let mut lines = Vec::new();
+    let chunk_len = |bytes: &[u8]| varint_len(bytes.len() as u64) + bytes.len();
+    let lines_len: usize =
+        fields.iter().map(|(name, value)| chunk_len(name.as_ref()) + chunk_len(value.as_ref())).sum();
+    let mut out = Vec::with_capacity(varint_len(lines_len as u64) + lines_len);
+    put_varint(&mut out, lines_len as u64);
     for (name, value) in fields {
         let (name, value) = (name.as_ref(), value.as_ref());
-        put_varint(&mut lines, name.len() as u64);
-        lines.extend_from_slice(name);
-        put_varint(&mut lines, value.len() as u64);
-        lines.extend_from_slice(value);
+        put_varint(&mut out, name.len() as u64);
+        out.extend_from_slice(name);
+        put_varint(&mut out, value.len() as u64);
+        out.extend_from_slice(value);
     }
-    let mut out = Vec::with_capacity(lines.len() + 8);
-    put_varint(&mut out, lines.len() as u64);
-    out.extend_from_slice(&lines);
     out
 }
 
-/// Decodes a block written by [`encode`].
+/// Decodes a block written by [`encode`]. The lines borrow from `bytes`.
 ///
 /// # Errors
 /// `MalformedHeaders` for truncated input, an empty name, trailing bytes or a limit exceeded.
-pub fn decode(bytes: &[u8], limits: FieldLimits) -> Result<Vec<Field>, ProtocolError> {
+pub fn decode(bytes: &[u8], limits: FieldLimits) -> Result<Vec<FieldRef<'_>>, ProtocolError> {
     let malformed = |reason| ProtocolError::MalformedHeaders { reason };
     if bytes.len() > limits.max_bytes {
         return Err(malformed("header block larger than the configured maximum"));
@@ -64,9 +68,19 @@ pub fn decode(bytes: &[u8], limits: FieldLimits) -> Result<Vec<Field>, ProtocolE
             return Err(malformed("empty header name"));
         }
         let value = reader.chunk()?;
-        fields.push((name.to_vec(), value.to_vec()));
+        fields.push((name, value));
     }
     Ok(fields)
+}
+
+/// Bytes [`put_varint`] writes for `value`.
+fn varint_len(value: u64) -> usize {
+    match value {
+        0..=0x3f => 1,
+        0x40..=0x3fff => 2,
+        0x4000..=0x3fff_ffff => 4,
+        _ => 8,
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, value: u64) {
@@ -126,7 +140,11 @@ mod tests {
             (b"x-long".to_vec(), vec![b'v'; 20_000]),
             (b"x-empty".to_vec(), Vec::new()),
         ];
-        assert_eq!(decode(&encode(&fields), LIMITS).unwrap(), fields);
+        let encoded = encode(&fields);
+        let decoded = decode(&encoded, LIMITS).unwrap();
+        let expected: Vec<FieldRef<'_>> =
+            fields.iter().map(|(name, value)| (name.as_slice(), value.as_slice())).collect();
+        assert_eq!(decoded, expected);
     }
 
     #[test]
@@ -147,7 +165,17 @@ mod tests {
             let mut out = Vec::new();
             put_varint(&mut out, value);
             assert_eq!(out, bytes, "encoding of {value}");
+            assert_eq!(varint_len(value), bytes.len(), "length of {value}");
             assert_eq!(Reader { bytes: &bytes, at: 0 }.varint().unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn varint_len_matches_what_put_varint_writes() {
+        for value in [0, 63, 64, 16_383, 16_384, (1 << 30) - 1, 1 << 30, u64::MAX >> 2] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            assert_eq!(varint_len(value), out.len(), "length of {value}");
         }
     }
 
