@@ -194,6 +194,11 @@ impl Block {
     pub fn without_length(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
         self.headers.iter().filter(|(name, _)| name != header::CONTENT_LENGTH)
     }
+
+    /// Moves out every header except `Content-Length`, like [`Block::without_length`].
+    pub fn into_without_length(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        self.headers.into_iter().filter(|(name, _)| name != header::CONTENT_LENGTH)
+    }
 }
 
 /// Decodes a block and checks its pseudo-field and every name and value.

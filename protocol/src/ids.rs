@@ -5,6 +5,7 @@
 //! Relay B keeps no list of issued ids: the signature is the proof that B issued it.
 
 use std::fmt;
+use std::sync::Arc;
 
 use hmac::{Hmac, KeyInit, Mac};
 use rand::RngCore;
@@ -70,9 +71,10 @@ impl fmt::Debug for PairId {
 
 /// A client id as issued by relay B: `<uuid>.<64 hex digits of hmac>`.
 ///
-/// Parsing checks only the shape; [`ClientIdSigner::verify`] checks the signature.
+/// Parsing checks only the shape; [`ClientIdSigner::verify`] checks the signature. Each exchange
+/// copies its client id into several contexts, so the text is shared rather than copied.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ClientId(String);
+pub struct ClientId(Arc<str>);
 
 impl ClientId {
     /// Checks the shape `<36-character uuid>.<64 hex digits>`.
@@ -86,7 +88,7 @@ impl ClientId {
         if !(uuid_ok && mac_ok) {
             return Err(ProtocolError::InvalidClientId);
         }
-        Ok(Self(text.to_owned()))
+        Ok(Self(Arc::from(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -95,7 +97,7 @@ impl ClientId {
 
     /// The uuid part, which names the client in logs and store keys.
     pub fn uuid(&self) -> &str {
-        self.0.split_once('.').map_or(self.0.as_str(), |(uuid, _)| uuid)
+        self.0.split_once('.').map_or(&*self.0, |(uuid, _)| uuid)
     }
 }
 
@@ -155,7 +157,7 @@ impl ClientIdSigner {
     fn sign(&self, uuid: &str) -> ClientId {
         let mut mac = self.current.clone();
         mac.update(uuid.as_bytes());
-        ClientId(format!("{uuid}.{}", hex::encode(mac.finalize().into_bytes())))
+        ClientId(Arc::from(format!("{uuid}.{}", hex::encode(mac.finalize().into_bytes()))))
     }
 }
 

@@ -254,14 +254,14 @@ where
         .ok()
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| RelayError::BadGateway { hop: "peer relay", reason: "invalid status".into() })?;
+    let length = block.content_length();
     let mut builder = HttpResponse::build(status);
-    for (name, value) in block.without_length() {
-        builder.append_header((name.clone(), value.clone()));
+    for header in block.into_without_length() {
+        builder.append_header(header);
     }
     let source = body::source(response);
     let mut opener = RecordOpener::new(sealed.response_cipher.clone());
     let limit = state.config.max_body_bytes;
-    let length = block.content_length();
     let bodyless = sealed.method == Method::HEAD
         || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
         || status.is_informational();

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use awc::error::SendRequestError;
@@ -12,9 +13,13 @@ use crate::config::{AllowedOrigin, Config};
 use crate::error::RelayError;
 
 /// Base URL of a peer relay: scheme, host, port and an optional path prefix (for a peer behind a
-/// path-routing load balancer), without a trailing slash.
+/// path-routing load balancer), without a trailing slash. Every exchange takes a copy from its
+/// worker's cache of parsed origins, so the parts are shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerOrigin {
+pub struct PeerOrigin(Arc<OriginParts>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct OriginParts {
     base: String,
     scheme: String,
     host: String,
@@ -49,36 +54,37 @@ impl PeerOrigin {
         // `host_str` already puts an IPv6 address in brackets.
         let origin = format!("{}://{host}:{port}", url.scheme());
         let base = format!("{origin}{prefix}");
-        Ok(Self { base, scheme: url.scheme().to_owned(), host, port, origin })
+        Ok(Self(Arc::new(OriginParts { base, scheme: url.scheme().to_owned(), host, port, origin })))
     }
 
     /// Returns `scheme://host:port`.
     pub fn as_str(&self) -> &str {
-        &self.origin
+        &self.0.origin
     }
 
     /// The pool key: one pool per distinct base URL.
     pub fn key(&self) -> &str {
-        &self.base
+        &self.0.base
     }
 
     /// The peer's URL for `path_and_query`, which starts with `/`.
     pub fn url(&self, path_and_query: &str) -> String {
-        [self.base.as_str(), path_and_query].concat()
+        [self.0.base.as_str(), path_and_query].concat()
     }
 
     /// Whether `OUTBOUND_ALLOWLIST` admits this peer; an empty list admits every peer.
     pub fn is_allowed(&self, config: &Config) -> bool {
+        let parts = &self.0;
         config.outbound_allowlist.is_empty()
             || config.outbound_allowlist.iter().any(|allowed: &AllowedOrigin| {
-                allowed.scheme == self.scheme && allowed.host == self.host && allowed.port == self.port
+                allowed.scheme == parts.scheme && allowed.host == parts.host && allowed.port == parts.port
             })
     }
 }
 
 impl fmt::Display for PeerOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.origin)
+        f.write_str(&self.0.origin)
     }
 }
 
