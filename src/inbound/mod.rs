@@ -172,7 +172,7 @@ fn open_headers(
         true => cipher.open_headers(&bytes)?,
         false => bytes,
     };
-    headers::decode_block(&block, PSEUDO_METHOD, state.field_limits())
+    headers::decode_block(block, PSEUDO_METHOD, state.field_limits())
 }
 
 async fn open_body(

@@ -316,7 +316,7 @@ fn open_block<S>(
         true => sealed.response_cipher.open_headers(&bytes)?,
         false => bytes,
     };
-    headers::decode_block(&block, PSEUDO_STATUS, state.field_limits())
+    headers::decode_block(block, PSEUDO_STATUS, state.field_limits())
 }
 
 /// Turns a non-200, non-relay status from the peer into the application's error. Relay B
