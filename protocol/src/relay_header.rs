@@ -123,21 +123,57 @@ impl RelayHeader {
     }
 }
 
+impl RelayHeader {
+    /// Returns the header value. Relay A writes one per exchange, so the text is put together
+    /// directly instead of through a formatting pass.
+    pub fn encode(&self) -> String {
+        const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let flag = |on: bool| if on { '1' } else { '0' };
+        let client_id = self.client_id.as_str();
+        // Client id, 32 hex digits, type, three flags, up to 20 digits of seq, the version and
+        // the seven commas.
+        let mut text = String::with_capacity(client_id.len() + 32 + 3 + 3 + 20 + 3 + 7);
+        text.push_str(client_id);
+        text.push(',');
+        for byte in self.pair_id.as_bytes() {
+            text.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
+            text.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
+        }
+        text.push(',');
+        text.push_str(self.encode_type.as_str());
+        for on in [self.flags.url, self.flags.headers, self.flags.body] {
+            text.push(',');
+            text.push(flag(on));
+        }
+        text.push(',');
+        push_decimal(&mut text, self.seq);
+        text.push(',');
+        push_decimal(&mut text, u64::from(self.version));
+        text
+    }
+}
+
+/// Appends `value` in decimal.
+fn push_decimal(text: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // `value % 10` is below 10, so the cast keeps it whole.
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start..] {
+        text.push(char::from(digit));
+    }
+}
+
 impl fmt::Display for RelayHeader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let flag = |on: bool| if on { '1' } else { '0' };
-        write!(
-            f,
-            "{},{},{},{},{},{},{},{}",
-            self.client_id,
-            self.pair_id,
-            self.encode_type.as_str(),
-            flag(self.flags.url),
-            flag(self.flags.headers),
-            flag(self.flags.body),
-            self.seq,
-            self.version
-        )
+        f.write_str(&self.encode())
     }
 }
 
@@ -169,6 +205,26 @@ mod tests {
     fn header_round_trips() {
         let header = header();
         assert_eq!(RelayHeader::parse(header.to_string().as_bytes()), Ok(header));
+    }
+
+    #[test]
+    fn encode_writes_the_documented_fields() {
+        for (seq, flags) in
+            [(0, SealFlags::ALL), (9, SealFlags::ALL), (10, header().flags), (u64::MAX, SealFlags::ALL)]
+        {
+            let header = RelayHeader { seq, flags, ..header() };
+            let flag = |on: bool| if on { "1" } else { "0" };
+            let expected = format!(
+                "{},{},MTE,{},{},{},{seq},{PROTOCOL_VERSION}",
+                header.client_id.as_str(),
+                hex::encode(header.pair_id.as_bytes()),
+                flag(flags.url),
+                flag(flags.headers),
+                flag(flags.body),
+            );
+            assert_eq!(header.encode(), expected);
+            assert_eq!(header.to_string(), expected);
+        }
     }
 
     #[test]

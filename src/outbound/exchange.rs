@@ -156,7 +156,7 @@ impl SealedRequest {
             version: PROTOCOL_VERSION,
         };
         Self {
-            relay_header: relay_header.to_string(),
+            relay_header: relay_header.encode(),
             path,
             header_block: B64.encode(block),
             flags: options.flags,
