@@ -244,6 +244,7 @@ pub fn log_startup(config: &Config) {
         upstream = %config.upstream,
         store = if config.redis_url.is_some() { "redis" } else { "memory" },
         debug = config.debug,
+        request_log = config.request_log,
         workers = config.workers,
         pair_pool_size = config.pair_pool_size,
         replay_window = config.replay_window,
