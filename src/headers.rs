@@ -77,8 +77,8 @@ pub fn end_to_end(headers: &HeaderMap) -> Vec<Line<'_>> {
     end_to_end_pairs(headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())))
 }
 
-/// The end-to-end headers among (name, value) pairs of a parsed header map, whose names are
-/// valid and lowercase, in the given order.
+/// Returns the end-to-end headers among (name, value) pairs of a parsed header map, in the given
+/// order. The map has already checked the names and made them lowercase.
 pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Line<'a>> {
     let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
     let listed: Vec<String> = pairs

@@ -171,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn varint_len_matches_what_put_varint_writes() {
+    fn varint_len_matches_put_varint() {
         for value in [0, 63, 64, 16_383, 16_384, (1 << 30) - 1, 1 << 30, u64::MAX >> 2] {
             let mut out = Vec::new();
             put_varint(&mut out, value);

@@ -121,9 +121,7 @@ impl RelayHeader {
             version: PROTOCOL_VERSION,
         })
     }
-}
 
-impl RelayHeader {
     /// Returns the header value. Relay A writes one per exchange, so the text is put together
     /// directly instead of through a formatting pass.
     pub fn encode(&self) -> String {
@@ -146,28 +144,10 @@ impl RelayHeader {
             text.push(flag(on));
         }
         text.push(',');
-        push_decimal(&mut text, self.seq);
+        text.push_str(itoa::Buffer::new().format(self.seq));
         text.push(',');
-        push_decimal(&mut text, u64::from(self.version));
+        text.push_str(itoa::Buffer::new().format(self.version));
         text
-    }
-}
-
-/// Appends `value` in decimal.
-fn push_decimal(text: &mut String, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        // `value % 10` is below 10, so the cast keeps it whole.
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    for &digit in &digits[start..] {
-        text.push(char::from(digit));
     }
 }
 

@@ -54,12 +54,12 @@ fn header_lists() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
     prop::collection::vec((name, value), 0..30)
 }
 
-/// Bodies up to a little over two records, so some cross record boundaries.
 /// The lines of `headers` as [`fields::decode`] returns them.
 fn borrowed(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<fields::FieldRef<'_>> {
     headers.iter().map(|(name, value)| (name.as_slice(), value.as_slice())).collect()
 }
 
+/// Bodies up to a little over two records, so some cross record boundaries.
 fn bodies() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         4 => prop::collection::vec(any::<u8>(), 0..2000),

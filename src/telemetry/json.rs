@@ -100,9 +100,9 @@ impl Visit for Fields<'_, '_> {
     }
 }
 
-/// Writes `value` as serde_json does: the shortest text that reads back as the same number,
-/// `.0` on whole numbers, an exponent such as `1e+16` for very small and very large numbers, and
-/// `null` for NaN and the infinities, which JSON cannot hold.
+/// Writes `value` as serde_json does: the shortest text that reads back as the same number, with
+/// `.0` on whole numbers and an exponent such as `1e+16` for very small and very large numbers.
+/// NaN and the infinities become `null`, because JSON cannot hold them.
 fn write_float(writer: &mut impl fmt::Write, value: f64) -> fmt::Result {
     match value.is_finite() {
         true => writer.write_str(zmij::Buffer::new().format_finite(value)),
@@ -300,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_written_as_serde_json_writes_them() {
+    fn floats_match_serde_json_text() {
         for value in [0.0, -0.0, 0.001, 0.25, 2.0, 123.456, 1e-7, 4.2e-5, 1e15, 1e16, -3.5, f64::MAX] {
             let mut text = String::new();
             write_float(&mut text, value).unwrap();
