@@ -69,6 +69,9 @@ impl fmt::Debug for PairId {
     }
 }
 
+/// Bytes of every client id: a 36-character uuid, a dot and 64 hex digits.
+pub const CLIENT_ID_LEN: usize = 36 + 1 + 64;
+
 /// A client id as issued by relay B: `<uuid>.<64 hex digits of hmac>`.
 ///
 /// Parsing checks only the shape; [`ClientIdSigner::verify`] checks the signature. Each exchange
@@ -202,6 +205,7 @@ mod tests {
     fn issued_id_verifies_with_current_secret() {
         let signer = ClientIdSigner::new(b"s1", None);
         let id = signer.issue();
+        assert_eq!(id.as_str().len(), CLIENT_ID_LEN, "the AAD layout counts on this length");
         assert_eq!(signer.verify(&ClientId::parse(id.as_str()).unwrap()), Ok(Verified::Current));
     }
 

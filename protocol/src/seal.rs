@@ -16,6 +16,7 @@
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::aead::array::Array;
 
+use crate::ids::{CLIENT_ID_LEN, PAIR_ID_LEN};
 use crate::padding;
 use crate::relay_header::SealFlags;
 use crate::{ClientId, Direction, EncodeType, ExchangeKey, PROTOCOL_VERSION, PairId, ProtocolError};
@@ -52,24 +53,44 @@ impl ExchangeContext {
         Self { direction, ..self.clone() }
     }
 
-    fn aad(&self, item: u32, is_final: bool) -> Vec<u8> {
+    /// The AAD of one item, built on the stack: every client id has [`CLIENT_ID_LEN`] bytes.
+    fn aad(&self, item: u32, is_final: bool) -> Aad {
         let client_id = self.client_id.as_str().as_bytes();
-        let mut aad = Vec::with_capacity(AAD_LABEL.len() + 37 + client_id.len());
-        aad.extend_from_slice(AAD_LABEL);
-        aad.extend_from_slice(&[
+        let mut aad = Aad { bytes: [0; AAD_LEN], len: 0 };
+        aad.push(AAD_LABEL);
+        aad.push(&[
             PROTOCOL_VERSION,
             self.direction.code(),
             self.encode_type.code(),
             self.flags.bits(),
             u8::from(is_final),
         ]);
-        aad.extend_from_slice(self.pair_id.as_bytes());
-        aad.extend_from_slice(&self.seq.to_be_bytes());
-        aad.extend_from_slice(&item.to_be_bytes());
-        // Client ids are 101 bytes, far below u16::MAX.
-        aad.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-        aad.extend_from_slice(client_id);
+        aad.push(self.pair_id.as_bytes());
+        aad.push(&self.seq.to_be_bytes());
+        aad.push(&item.to_be_bytes());
+        aad.push(&(CLIENT_ID_LEN as u16).to_be_bytes());
+        aad.push(client_id);
         aad
+    }
+}
+
+/// Bytes of the AAD: label, five single bytes, pair id, seq, item, client id length and client id.
+const AAD_LEN: usize = AAD_LABEL.len() + 5 + PAIR_ID_LEN + 8 + 4 + 2 + CLIENT_ID_LEN;
+
+/// The AAD of one item, in a fixed buffer.
+struct Aad {
+    bytes: [u8; AAD_LEN],
+    len: usize,
+}
+
+impl Aad {
+    fn push(&mut self, part: &[u8]) {
+        self.bytes[self.len..self.len + part.len()].copy_from_slice(part);
+        self.len += part.len();
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -123,7 +144,7 @@ impl ItemCipher {
         let tag = self
             .key
             .cipher
-            .encrypt_inout_detached(&nonce, &aad, buffer.as_mut_slice().into())
+            .encrypt_inout_detached(&nonce, aad.as_slice(), buffer.as_mut_slice().into())
             .expect("item below the aes-gcm length limit");
         buffer.extend_from_slice(tag.as_slice());
     }
@@ -145,7 +166,10 @@ impl ItemCipher {
         let aad = self.context.aad(item, is_final);
         let (body, tag) = buffer.split_at_mut(body_len);
         let tag = Array::try_from(&*tag).map_err(|_| failed.clone())?;
-        self.key.cipher.decrypt_inout_detached(&nonce, &aad, body.into(), &tag).map_err(|_| failed)?;
+        self.key
+            .cipher
+            .decrypt_inout_detached(&nonce, aad.as_slice(), body.into(), &tag)
+            .map_err(|_| failed)?;
         buffer.truncate(body_len);
         Ok(())
     }
