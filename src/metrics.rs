@@ -34,6 +34,26 @@ pub const STORE_GIVE_UPS_TOTAL: &str = "relay_store_give_ups_total";
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
 
+/// State store operations counted in `relay_store_operations_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreOperation {
+    /// Relay B looking up the pair of an exchange.
+    FindPair,
+    /// Relay B storing the pairs of a pairing request.
+    SavePair,
+}
+
+impl StoreOperation {
+    const ALL: [StoreOperation; 2] = [StoreOperation::FindPair, StoreOperation::SavePair];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreOperation::FindPair => "find_pair",
+            StoreOperation::SavePair => "save_pair",
+        }
+    }
+}
+
 /// Which body of an exchange bytes belong to.
 #[derive(Debug, Clone, Copy)]
 pub enum BodyDirection {
@@ -68,6 +88,8 @@ pub struct RelayMetrics {
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const ROLES: [Role; 3] = [Role::Outbound, Role::Inbound, Role::Local];
 const DIRECTIONS: [BodyDirection; 2] = [BodyDirection::Request, BodyDirection::Response];
+/// Results of `relay_store_operations_total`, in the order `HotSeries` keeps them.
+const STORE_RESULTS: [&str; 2] = ["ok", "failed"];
 
 /// The series every request updates, looked up once at start-up, because a lookup by label
 /// values hashes the values and takes a lock each time.
@@ -79,6 +101,8 @@ struct HotSeries {
     upstream_duration: Histogram,
     /// By role (outbound, inbound), then direction.
     body_bytes: [[IntCounter; 2]; 2],
+    /// By operation, then result (ok, failed).
+    store_operations: [[IntCounter; 2]; 2],
 }
 
 impl HotSeries {
@@ -87,6 +111,7 @@ impl HotSeries {
         request_duration: &HistogramVec,
         upstream_duration: &HistogramVec,
         body_bytes: &IntCounterVec,
+        store_operations: &IntCounterVec,
     ) -> Self {
         Self {
             requests: ROLES
@@ -95,6 +120,9 @@ impl HotSeries {
             upstream_duration: upstream_duration.with_label_values::<&str>(&[]),
             body_bytes: [Role::Outbound, Role::Inbound].map(|role| {
                 DIRECTIONS.map(|direction| body_bytes.with_label_values(&[role.as_str(), direction.as_str()]))
+            }),
+            store_operations: StoreOperation::ALL.map(|operation| {
+                STORE_RESULTS.map(|result| store_operations.with_label_values(&[operation.as_str(), result]))
             }),
         }
     }
@@ -157,7 +185,13 @@ impl RelayMetrics {
             "Plaintext body bytes sealed or opened, by role and direction (request, response).",
             &["role", "direction"],
         )?;
-        let hot = HotSeries::new(&requests, &request_duration, &upstream_duration, &body_bytes);
+        let store_operations = counter(
+            STORE_OPERATIONS_TOTAL,
+            "State store operations by operation and result (ok, failed).",
+            &["operation", "result"],
+        )?;
+        let hot =
+            HotSeries::new(&requests, &request_duration, &upstream_duration, &body_bytes, &store_operations);
         let metrics = Self {
             requests,
             request_duration,
@@ -192,11 +226,7 @@ impl RelayMetrics {
                 TAMPERED_TOTAL,
                 "Sealed items or body framing that failed authentication or parsing (562, 565).",
             )?,
-            store_operations: counter(
-                STORE_OPERATIONS_TOTAL,
-                "State store operations by operation and result (ok, failed).",
-                &["operation", "result"],
-            )?,
+            store_operations,
             store_reachable: IntGauge::new(
                 STORE_REACHABLE,
                 "1 while the state store responds, 0 while it does not.",
@@ -222,7 +252,8 @@ impl RelayMetrics {
     /// exported from start-up. Without this, a dashboard query for a family that has not moved
     /// yet returns no data, and `rate` or `increase` misses the first event of a series.
     fn initialize_known_series(&self) {
-        // Request counts, durations and body bytes exist already: `HotSeries` created them.
+        // Request counts, durations, body bytes and store operations exist already: `HotSeries`
+        // created them.
         for (code, _) in RelayCode::ALL {
             self.relay_errors.with_label_values(&[code.name()]);
         }
@@ -234,11 +265,6 @@ impl RelayMetrics {
         for side in ["outbound", "inbound"] {
             for result in ["started", "succeeded", "failed"] {
                 self.pairings.with_label_values(&[side, result]);
-            }
-        }
-        for operation in ["find_pair", "save_pair"] {
-            for result in ["ok", "failed"] {
-                self.store_operations.with_label_values(&[operation, result]);
             }
         }
     }
@@ -320,8 +346,8 @@ impl RelayMetrics {
         self.pairings.with_label_values(&[side, result]).inc();
     }
 
-    pub fn store_operation(&self, operation: &str, ok: bool) {
-        self.store_operations.with_label_values(&[operation, if ok { "ok" } else { "failed" }]).inc();
+    pub fn store_operation(&self, operation: StoreOperation, ok: bool) {
+        self.hot.store_operations[operation as usize][usize::from(!ok)].inc();
     }
 
     /// Copies the state store supervisor's health into the store metrics. A store without a
@@ -378,7 +404,8 @@ mod tests {
         metrics.retry(RelayCode::StateNotFound);
         metrics.repair(RelayCode::StateNotFound);
         metrics.pairing("outbound", "started");
-        metrics.store_operation("save_pair", true);
+        metrics.store_operation(StoreOperation::SavePair, true);
+        metrics.store_operation(StoreOperation::FindPair, false);
         let text = metrics.render(3);
         let others =
             [ACTIVE_SESSIONS, REPLAYS_REJECTED_TOTAL, TAMPERED_TOTAL, "process_resident_memory_bytes"];
@@ -386,6 +413,14 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains("relay_active_sessions 3"), "{text}");
+        for (series, value) in [
+            (r#"relay_store_operations_total{operation="save_pair",result="ok"}"#, 1),
+            (r#"relay_store_operations_total{operation="save_pair",result="failed"}"#, 0),
+            (r#"relay_store_operations_total{operation="find_pair",result="failed"}"#, 1),
+            (r#"relay_store_operations_total{operation="find_pair",result="ok"}"#, 0),
+        ] {
+            assert!(text.contains(&format!("{series} {value}\n")), "{series} is not {value} in:\n{text}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use crate::body::{self, BodyError, OpenStream, Source};
 use crate::error::{RelayCode, RelayError};
 use crate::headers::{self, PSEUDO_METHOD};
+use crate::metrics::StoreOperation;
 use crate::server::{RelayState, Role};
 
 /// The opened request, ready for the upstream API.
@@ -133,7 +134,7 @@ async fn open(
 
 async fn find_session(relay: &RelayHeader, state: &RelayState) -> Result<SessionHandle, RelayError> {
     let found = state.registry.find(&relay.pair_id).await;
-    state.metrics.store_operation("find_pair", found.is_ok());
+    state.metrics.store_operation(StoreOperation::FindPair, found.is_ok());
     let found = found.map_err(|error| {
         tracing::error!(%error, "state store lookup failed");
         RelayError::relay(RelayCode::StoreUnavailable, "state store unavailable")

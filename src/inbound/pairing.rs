@@ -8,6 +8,7 @@ use api_relay_protocol::pairing::{self, PairingRequest};
 
 use crate::error::{RelayCode, RelayError};
 use crate::headers;
+use crate::metrics::StoreOperation;
 use crate::server::{RelayState, Role};
 
 /// Returns `x-mte-relay: <client id>`: the caller's id re-signed with the current secret when it
@@ -91,7 +92,7 @@ async fn answer(body: &[u8], state: &RelayState, address: &str) -> Result<HttpRe
             state.config.replay_window,
         );
         let stored = state.registry.insert(snapshot).await;
-        state.metrics.store_operation("save_pair", stored.is_ok());
+        state.metrics.store_operation(StoreOperation::SavePair, stored.is_ok());
         stored.map_err(|error| match error {
             // An offer may not take over the id of a stored pair, which may still be live.
             StoreError::PairExists { .. } => {
