@@ -49,10 +49,16 @@ impl Direction {
 }
 
 /// Key and IV of one direction of a pair.
+///
+/// `expander` is HKDF keyed with `key`, ready to expand: keying HMAC hashes two blocks, and
+/// every exchange key of the direction starts from this state instead. sha2's `zeroize` feature
+/// wipes its hash states when it is dropped.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct DirectionKey {
     key: [u8; KEY_LEN],
     iv: [u8; IV_LEN],
+    #[zeroize(skip)]
+    expander: Hkdf<Sha256>,
 }
 
 impl DirectionKey {
@@ -61,7 +67,8 @@ impl DirectionKey {
         let mut iv = [0u8; IV_LEN];
         key.copy_from_slice(&okm[..KEY_LEN]);
         iv.copy_from_slice(&okm[KEY_LEN..]);
-        Self { key, iv }
+        let expander = Hkdf::<Sha256>::from_prk(&key).expect("32-byte prk is valid for sha-256");
+        Self { key, iv, expander }
     }
 }
 
@@ -113,12 +120,11 @@ impl PairKeys {
             Direction::Request => &self.request,
             Direction::Response => &self.response,
         };
-        let hkdf = Hkdf::<Sha256>::from_prk(&base.key).expect("32-byte prk is valid for sha-256");
         let mut info = [0u8; 11];
         info[..3].copy_from_slice(encode_type.key_label());
         info[3..].copy_from_slice(&seq.to_be_bytes());
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        hkdf.expand(&info, key.as_mut()).expect("okm length within hkdf limit");
+        base.expander.expand(&info, key.as_mut()).expect("okm length within hkdf limit");
         let cipher = Aes256Gcm::new_from_slice(key.as_ref()).expect("key is 32 bytes");
         ExchangeKey { cipher, iv: base.iv, seq }
     }
