@@ -252,8 +252,8 @@ impl RelayMetrics {
     /// exported from start-up. Without this, a dashboard query for a family that has not moved
     /// yet returns no data, and `rate` or `increase` misses the first event of a series.
     fn initialize_known_series(&self) {
-        // Request counts, durations, body bytes and store operations exist already: `HotSeries`
-        // created them.
+        // Request counts, durations, body bytes and store operations exist already, because
+        // `HotSeries` created them.
         for (code, _) in RelayCode::ALL {
             self.relay_errors.with_label_values(&[code.name()]);
         }

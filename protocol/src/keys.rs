@@ -50,9 +50,9 @@ impl Direction {
 
 /// Key and IV of one direction of a pair.
 ///
-/// `expander` is HKDF keyed with `key`, ready to expand: keying HMAC hashes two blocks, and
-/// every exchange key of the direction starts from this state instead. sha2's `zeroize` feature
-/// wipes its hash states when it is dropped.
+/// `expander` is HKDF keyed with `key`. Keying HMAC hashes two blocks, so every exchange key of
+/// the direction starts from this keyed state instead of keying again. sha2's `zeroize` feature
+/// wipes the hash states when the expander is dropped.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct DirectionKey {
     key: [u8; KEY_LEN],
