@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use api_relay_actors::{
@@ -35,7 +35,7 @@ const MAX_PAIRING_RESPONSE_BYTES: usize = 128 * 1024;
 
 /// Pairs of every peer this relay talks to.
 pub struct PairPool {
-    peers: Mutex<HashMap<String, Arc<PeerPairs>>>,
+    peers: RwLock<HashMap<String, Arc<PeerPairs>>>,
     registry: SessionRegistry,
     size: usize,
     window: u64,
@@ -79,7 +79,7 @@ impl PairPool {
         psk: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Self {
-        Self { peers: Mutex::default(), registry, size, window, psk, timeout }
+        Self { peers: RwLock::default(), registry, size, window, psk, timeout }
     }
 
     /// A pair for `origin`. When the pool is empty, it restores the pool stored in a shared
@@ -219,8 +219,16 @@ impl PairPool {
         }
     }
 
+    /// The pairs of `origin`, created empty on first use. Every exchange looks its peer up, so
+    /// the lookup takes only the read lock and copies no key. The write lock is taken once per
+    /// peer.
     fn peer(&self, origin: &PeerOrigin) -> Arc<PeerPairs> {
-        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let peers = self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(peer) = peers.get(origin.key()) {
+            return Arc::clone(peer);
+        }
+        drop(peers);
+        let mut peers = self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         Arc::clone(peers.entry(origin.key().to_owned()).or_default())
     }
 
