@@ -39,7 +39,7 @@ const LATENCY_BUCKETS: [f64; 14] =
 pub enum StoreOperation {
     /// Relay B looking up the pair of an exchange.
     FindPair,
-    /// Relay B storing the pairs of a pairing request.
+    /// Relay B storing one pair of a pairing request.
     SavePair,
 }
 

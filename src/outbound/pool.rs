@@ -220,8 +220,8 @@ impl PairPool {
     }
 
     /// The pairs of `origin`, created empty on first use. Every exchange looks its peer up, so
-    /// the lookup takes only the read lock and copies no key. The write lock is taken once per
-    /// peer.
+    /// the lookup takes only the read lock and copies no key. Only the first lookups of a new
+    /// peer take the write lock, at most one per worker thread.
     fn peer(&self, origin: &PeerOrigin) -> Arc<PeerPairs> {
         let peers = self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(peer) = peers.get(origin.key()) {
