@@ -10,6 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::ids::PAIR_ID_LEN;
 use crate::{ClientId, PROTOCOL_VERSION, PairId, ProtocolError};
 
 /// How an exchange is sealed, chosen per request with `x-mte-encode-type`.
@@ -125,7 +126,6 @@ impl RelayHeader {
     /// Returns the header value. Relay A writes one per exchange, so the text is put together
     /// directly instead of through a formatting pass.
     pub fn encode(&self) -> String {
-        const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
         let flag = |on: bool| if on { '1' } else { '0' };
         let client_id = self.client_id.as_str();
         // Client id, 32 hex digits, type, three flags, up to 20 digits of seq, the version and
@@ -133,10 +133,9 @@ impl RelayHeader {
         let mut text = String::with_capacity(client_id.len() + 32 + 3 + 3 + 20 + 3 + 7);
         text.push_str(client_id);
         text.push(',');
-        for byte in self.pair_id.as_bytes() {
-            text.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-            text.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
-        }
+        let mut pair_hex = [0u8; 2 * PAIR_ID_LEN];
+        hex::encode_to_slice(self.pair_id.as_bytes(), &mut pair_hex).expect("two hex digits per byte fit");
+        text.push_str(std::str::from_utf8(&pair_hex).expect("hex digits are ASCII"));
         text.push(',');
         text.push_str(self.encode_type.as_str());
         for on in [self.flags.url, self.flags.headers, self.flags.body] {
