@@ -41,7 +41,7 @@ pub async fn pair(
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Inbound);
     state.metrics.pairing("inbound", "started");
-    let client = request.peer_addr().map(|address| crate::headers::ip_text(address.ip())).unwrap_or_default();
+    let client = request.peer_addr().map(|address| headers::ip_text(address.ip())).unwrap_or_default();
     crate::telemetry::note(&request, |fields| fields.peer = Some(client.clone()));
     let result = answer(&body, &state, &client).await;
     match &result {
