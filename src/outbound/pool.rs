@@ -33,14 +33,49 @@ use crate::outbound::peer::{PeerOrigin, resend_while_unreachable, send_error};
 /// Maximum bytes of a pairing answer relay A reads: room for 64 pairs of about 1.6 KiB each.
 const MAX_PAIRING_RESPONSE_BYTES: usize = 128 * 1024;
 
+/// Number of peers above which a new peer first prunes the map of peers that hold no live pair.
+const MIN_PRUNE_PEERS: usize = 64;
+
 /// Pairs of every peer this relay talks to.
 pub struct PairPool {
-    peers: RwLock<HashMap<String, Arc<PeerPairs>>>,
+    peers: RwLock<Peers>,
     registry: SessionRegistry,
     size: usize,
     window: u64,
     psk: Option<Vec<u8>>,
     timeout: Duration,
+}
+
+/// Map from origin key to the peer's pairs.
+///
+/// An application with the outbound token can name any origin in `x-mte-upstream`, and each one
+/// gets an entry, even when pairing with it fails. So a new peer that finds `prune_at` entries
+/// first drops those that no request is using and that have no live pair. Then `prune_at`
+/// becomes twice the remaining count, at least `MIN_PRUNE_PEERS`. The map grows only with peers
+/// that have live pairs, at an amortised constant cost per new peer.
+struct Peers {
+    by_origin: HashMap<String, Arc<PeerPairs>>,
+    prune_at: usize,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self { by_origin: HashMap::new(), prune_at: MIN_PRUNE_PEERS }
+    }
+}
+
+impl Peers {
+    fn insert(&mut self, key: &str) -> Arc<PeerPairs> {
+        if let Some(peer) = self.by_origin.get(key) {
+            return Arc::clone(peer);
+        }
+        if self.by_origin.len() >= self.prune_at {
+            // The map owns one reference, and each request working with the peer owns another.
+            self.by_origin.retain(|_, peer| Arc::strong_count(peer) > 1 || peer.has_live_pairs());
+            self.prune_at = (2 * self.by_origin.len()).max(MIN_PRUNE_PEERS);
+        }
+        Arc::clone(self.by_origin.entry(key.to_owned()).or_default())
+    }
 }
 
 /// Pairs of one peer.
@@ -224,12 +259,11 @@ impl PairPool {
     /// peer take the write lock, at most one per worker thread.
     fn peer(&self, origin: &PeerOrigin) -> Arc<PeerPairs> {
         let peers = self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(peer) = peers.get(origin.key()) {
+        if let Some(peer) = peers.by_origin.get(origin.key()) {
             return Arc::clone(peer);
         }
         drop(peers);
-        let mut peers = self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(peers.entry(origin.key().to_owned()).or_default())
+        self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(origin.key())
     }
 
     async fn pair(
@@ -303,6 +337,12 @@ impl PeerPairs {
         Some(Lease { session: session.clone(), generation: state.generation })
     }
 
+    /// Whether any pair of the current generation still has a running session. Sessions stop
+    /// when they expire or sit idle, so a peer the application stopped naming ends up with none.
+    fn has_live_pairs(&self) -> bool {
+        self.read().pairs.iter().any(|session| session.addr.connected())
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, PoolState> {
         // Writers replace whole fields, so a poisoned state is still consistent.
         self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -339,4 +379,80 @@ async fn fetch_client_id(
         .ok_or_else(|| invalid("no x-mte-relay header in the answer"))?;
     let text = value.to_str().map_err(|_| invalid("x-mte-relay is not text"))?;
     ClientId::parse(text).map_err(|_| invalid("x-mte-relay holds no valid client id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use api_relay_actors::{MemoryStore, SessionLimits};
+    use api_relay_protocol::{ClientIdSigner, PairId, PairKeys};
+
+    use super::*;
+
+    fn pool() -> PairPool {
+        let limits = SessionLimits {
+            idle_timeout: Duration::from_secs(60),
+            max_age: Duration::from_secs(3600),
+            max_exchanges: 1000,
+        };
+        let registry = SessionRegistry::new(Arc::new(MemoryStore::new()), limits);
+        PairPool::new(registry, 1, 1024, None, Duration::from_secs(5))
+    }
+
+    fn origin(n: usize) -> PeerOrigin {
+        PeerOrigin::parse(&format!("http://relay-b-{n}.example.com")).expect("a valid origin")
+    }
+
+    fn peer_count(pool: &PairPool) -> usize {
+        pool.peers.read().expect("lock not poisoned").by_origin.len()
+    }
+
+    #[test]
+    fn idle_peers_are_pruned() {
+        let pool = pool();
+        for n in 0..10 * MIN_PRUNE_PEERS {
+            drop(pool.peer(&origin(n)));
+        }
+        assert!(peer_count(&pool) <= MIN_PRUNE_PEERS, "{} peers remain", peer_count(&pool));
+        // The same origin keeps its entry between lookups.
+        let first = pool.peer(&origin(0));
+        assert!(Arc::ptr_eq(&first, &pool.peer(&origin(0))));
+    }
+
+    #[actix::test]
+    async fn busy_or_paired_peers_survive_pruning() {
+        let pool = pool();
+        let in_use = pool.peer(&origin(0));
+        let paired = pool.peer(&origin(1));
+        let pair_id = PairId::random();
+        let keys = PairKeys::derive(&[1; 32], &[2; 64], &pair_id, &[3; 32]).keys;
+        let client_id = ClientIdSigner::new(b"secret", None).issue();
+        let snapshot = PairSnapshot::new(pair_id, client_id, Role::Outbound, keys, 1024);
+        let session = pool.registry.insert(snapshot).await.expect("memory store takes the pair");
+        paired.write().pairs.push(session.clone());
+        drop(paired);
+
+        for n in 2..10 * MIN_PRUNE_PEERS {
+            drop(pool.peer(&origin(n)));
+        }
+        {
+            let remaining = pool.peers.read().expect("lock not poisoned");
+            let count = remaining.by_origin.len();
+            assert!(count <= MIN_PRUNE_PEERS + 2, "{count} peers remain");
+            assert!(Arc::ptr_eq(&remaining.by_origin[origin(0).key()], &in_use), "a peer in use was dropped");
+            assert!(remaining.by_origin.contains_key(origin(1).key()), "a peer with a live pair was dropped");
+        }
+
+        // Once its session stops, the peer with the pair goes at the next pruning too.
+        session.addr.do_send(api_relay_actors::Retire);
+        for _ in 0..100 {
+            if !session.addr.connected() {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        for n in 10 * MIN_PRUNE_PEERS..20 * MIN_PRUNE_PEERS {
+            drop(pool.peer(&origin(n)));
+        }
+        assert!(!pool.peers.read().expect("lock not poisoned").by_origin.contains_key(origin(1).key()));
+    }
 }
