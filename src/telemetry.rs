@@ -9,7 +9,9 @@
 mod json;
 mod writer;
 
-use std::io::IsTerminal;
+use std::cell::RefCell;
+use std::io::{IsTerminal, Write as _};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -18,6 +20,7 @@ use actix_web::{Error, HttpMessage};
 use tracing::Span;
 use tracing_actix_web::{RequestId, RootSpanBuilder};
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -44,16 +47,44 @@ pub fn init_at(format: LogFormat, level: &str) -> WriterGuard {
         ["actix_server", "actix_http", "awc", "h2", "rustls"].map(|target| (target, LevelFilter::WARN)),
     );
     let (writer, guard) = writer::spawn(std::io::stdout());
-    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer.clone());
     let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests or the demo starting twice) keeps the first subscriber.
-    let _ = match format {
+    let installed = match format {
         LogFormat::Json => registry.with(layer.event_format(json::JsonLines)).try_init(),
         LogFormat::Pretty => {
             registry.with(layer.pretty().with_ansi(std::io::stdout().is_terminal())).try_init()
         }
     };
+    if installed.is_ok() && format == LogFormat::Json {
+        let _ = JSON_RECORDS.set(writer);
+    }
     guard
+}
+
+/// The output of the installed subscriber when it writes JSON lines. Request records go there
+/// directly, in the same format (see `RequestLog::on_request_end`).
+static JSON_RECORDS: OnceLock<writer::BatchWriter> = OnceLock::new();
+
+thread_local! {
+    /// The line a worker builds each request record in, kept between records.
+    static RECORD_LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+/// Writes `record` straight to the JSON output, as the tracing event would appear there.
+/// Returns false when that is not possible, because the subscriber does not write JSON lines or
+/// a worker is already building a record on this thread.
+fn write_json_record(record: &json::RequestRecord<'_>) -> bool {
+    let Some(output) = JSON_RECORDS.get() else { return false };
+    RECORD_LINE.with(|line| {
+        let Ok(mut line) = line.try_borrow_mut() else { return false };
+        line.clear();
+        if json::write_request_record(&mut line, record).is_ok() {
+            // `writer::RecordSink` returns no error: it only appends to the shared buffer.
+            let _ = output.make_writer().write_all(line.as_bytes());
+        }
+        true
+    })
 }
 
 /// Start time of a request, kept in its extensions.
@@ -117,19 +148,26 @@ impl RootSpanBuilder for RequestLog {
             None => "",
         };
         let exchange = extensions.get::<ExchangeFields>();
-        let _entered = span.enter();
-        // Text fields go in as `&str`, which the JSON format writes without a formatting pass.
-        tracing::info!(
-            method = request.method().as_str(),
-            route = route.as_str(),
+        let record = json::RequestRecord {
+            method: request.method().as_str(),
+            route: route.as_str(),
             status,
-            latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
-            role = role.as_str(),
+            latency_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            role: role.as_str(),
             request_id,
-            peer = exchange.and_then(|fields| fields.peer.as_deref()).unwrap_or(""),
-            pair = exchange.and_then(|fields| fields.pair.as_deref()).unwrap_or(""),
-            upstream_status = exchange.and_then(|fields| fields.upstream_status).unwrap_or(0),
-            "request"
-        );
+            peer: exchange.and_then(|fields| fields.peer.as_deref()).unwrap_or(""),
+            pair: exchange.and_then(|fields| fields.pair.as_deref()).unwrap_or(""),
+            upstream_status: exchange.and_then(|fields| fields.upstream_status).unwrap_or(0),
+        };
+        // Without a span, tracing would add nothing to the JSON record, so the record skips
+        // tracing's dispatch, its field visitors and its formatting buffer.
+        if span.is_none()
+            && tracing::enabled!(target: json::REQUEST_TARGET, tracing::Level::INFO)
+            && write_json_record(&record)
+        {
+            return;
+        }
+        let _entered = span.enter();
+        record.emit();
     }
 }

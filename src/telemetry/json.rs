@@ -45,6 +45,73 @@ where
     }
 }
 
+/// The fields of the record a request writes when it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    pub method: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub role: &'a str,
+    pub request_id: &'a str,
+    pub peer: &'a str,
+    pub pair: &'a str,
+    pub upstream_status: u16,
+}
+
+impl RequestRecord<'_> {
+    /// Sends the record as a tracing event, for subscribers other than the JSON one and for
+    /// records inside a span. Text fields go in as `&str`, which `JsonLines` writes without a
+    /// formatting pass.
+    pub fn emit(&self) {
+        tracing::info!(
+            target: REQUEST_TARGET,
+            method = self.method,
+            route = self.route,
+            status = self.status,
+            latency_ms = self.latency_ms,
+            role = self.role,
+            request_id = self.request_id,
+            peer = self.peer,
+            pair = self.pair,
+            upstream_status = self.upstream_status,
+            "request"
+        );
+    }
+}
+
+/// Target of the request records: the module that writes them through tracing, too.
+pub const REQUEST_TARGET: &str = "api_relay::telemetry";
+
+/// Appends `record` to `line` as `JsonLines` writes the `request` event of
+/// [`super::RequestLog`], without going through tracing's dispatch and field visitors.
+pub fn write_request_record(line: &mut String, record: &RequestRecord<'_>) -> fmt::Result {
+    line.push_str("{\"timestamp\":\"");
+    write_timestamp(line, SystemTime::now())?;
+    line.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":");
+    write_string(line, record.method)?;
+    line.push_str(",\"route\":");
+    write_string(line, record.route)?;
+    line.push_str(",\"status\":");
+    line.push_str(itoa::Buffer::new().format(record.status));
+    line.push_str(",\"latency_ms\":");
+    write_float(line, record.latency_ms)?;
+    line.push_str(",\"role\":");
+    write_string(line, record.role)?;
+    line.push_str(",\"request_id\":");
+    write_string(line, record.request_id)?;
+    line.push_str(",\"peer\":");
+    write_string(line, record.peer)?;
+    line.push_str(",\"pair\":");
+    write_string(line, record.pair)?;
+    line.push_str(",\"upstream_status\":");
+    line.push_str(itoa::Buffer::new().format(record.upstream_status));
+    line.push_str("},\"target\":");
+    write_string(line, REQUEST_TARGET)?;
+    line.push_str("}\n");
+    Ok(())
+}
+
 /// Writes the fields of one event as members of a JSON object.
 struct Fields<'a, 'w> {
     writer: &'a mut Writer<'w>,
@@ -297,6 +364,45 @@ mod tests {
 
         let record: serde_json::Value = serde_json::from_str(&output).unwrap();
         assert_eq!(record["fields"]["message"], "request \"1\"");
+    }
+
+    /// Cuts the timestamp off a record line.
+    fn after_timestamp(line: &str) -> &str {
+        let end = r#"{"timestamp":"2026-12-05T02:29:39.720542Z""#.len();
+        assert!(line.get(..end).is_some_and(|start| start.ends_with(r#"Z""#)), "{line}");
+        &line[end..]
+    }
+
+    #[test]
+    fn direct_record_matches_tracing_event() {
+        let record = RequestRecord {
+            method: "POST",
+            route: "/api/mte-pair",
+            status: 560,
+            latency_ms: 1.5,
+            role: "inbound",
+            request_id: "1b09eec7-7a47-44fd-ad92-32ad2262881e",
+            peer: "say \"hi\"\n",
+            pair: "",
+            upstream_status: 0,
+        };
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber =
+            tracing_subscriber::fmt().event_format(JsonLines).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            record.emit();
+        });
+        let through_tracing = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+
+        let mut direct = String::new();
+        write_request_record(&mut direct, &record).unwrap();
+        assert_eq!(after_timestamp(&direct), after_timestamp(&through_tracing));
+        assert_eq!(direct.lines().count(), 1, "{direct}");
+
+        let parsed: serde_json::Value = serde_json::from_str(&direct).unwrap();
+        assert_eq!(parsed["fields"]["peer"], "say \"hi\"\n");
+        assert_eq!(parsed["fields"]["status"], 560);
     }
 
     #[test]
