@@ -101,6 +101,14 @@ pub struct ExchangeFields {
     pub upstream_status: Option<u16>,
 }
 
+/// Marker of a relayed exchange: its record's route is `*`.
+struct Relayed;
+
+/// Marks `request` as a relayed exchange, served by the catch-all route of its role.
+pub fn relayed(request: &actix_web::HttpRequest) {
+    request.extensions_mut().insert(Relayed);
+}
+
 /// Updates the exchange details of `request`'s record.
 pub fn note(request: &actix_web::HttpRequest, update: impl FnOnce(&mut ExchangeFields)) {
     let mut extensions = request.extensions_mut();
@@ -140,8 +148,13 @@ impl RootSpanBuilder for RequestLog {
                 return;
             }
         }
-        // Relayed exchanges and the 569 fallback match any path: their route is `*`.
-        let route = request.match_pattern().unwrap_or_else(|| "*".to_owned());
+        // Relayed exchanges and the 569 fallback match any path: their route is `*`. Finding
+        // the pattern walks the route table, so the exchange handlers mark their requests.
+        let pattern = match extensions.get::<Relayed>() {
+            Some(Relayed) => None,
+            None => request.match_pattern(),
+        };
+        let route = pattern.as_deref().unwrap_or("*");
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = match extensions.get::<RequestId>() {
             Some(id) => &*id.hyphenated().encode_lower(&mut id_text),
@@ -150,7 +163,7 @@ impl RootSpanBuilder for RequestLog {
         let exchange = extensions.get::<ExchangeFields>();
         let record = json::RequestRecord {
             method: request.method().as_str(),
-            route: route.as_str(),
+            route,
             status,
             latency_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             role: role.as_str(),

@@ -58,6 +58,7 @@ pub async fn handle(
     clients: web::Data<crate::client::HopClients>,
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Inbound);
+    crate::telemetry::relayed(&request);
     let source = body::source::<_, BodyError>(payload.map(|item| item.map_err(BodyError::from)));
     let opened = match open(&request, source, &state).await {
         Ok(opened) => opened,

@@ -37,6 +37,7 @@ pub async fn handle(
     clients: web::Data<crate::client::HopClients>,
 ) -> Result<HttpResponse, RelayError> {
     state.metrics.role(&request, Role::Outbound);
+    telemetry::relayed(&request);
     authorize(&request, &state)?;
     let origin = peer_origin(&request).inspect_err(log_rejected)?;
     telemetry::note(&request, |fields| fields.peer = Some(origin.as_str().to_owned()));
