@@ -314,7 +314,7 @@ struct Transcript<'a> {
 
 impl Transcript<'_> {
     fn hash(&self) -> [u8; 32] {
-        let client_id = self.client_id.as_str().as_bytes();
+        let client_id = self.client_id.as_bytes();
         let mut hash = Sha256::new();
         hash.update(HPKE_INFO);
         hash.update([PROTOCOL_VERSION]);

@@ -56,7 +56,7 @@ impl ExchangeContext {
     /// Builds the AAD of one item on the stack, which is possible because every client id has
     /// [`CLIENT_ID_LEN`] bytes.
     fn aad(&self, item: u32, is_final: bool) -> Aad {
-        let client_id = self.client_id.as_str().as_bytes();
+        let client_id = self.client_id.as_bytes();
         let mut aad = Aad { bytes: [0; AAD_LEN], len: 0 };
         aad.push(AAD_LABEL);
         aad.push(&[
