@@ -74,6 +74,8 @@ impl RelayState {
                 let settings = RedisSettings {
                     url: url.expose().to_owned(),
                     pool_size: config.redis_pool_size,
+                    // The HTTP workers and the thread of the actix system.
+                    threads: u32::try_from(config.workers + 1).unwrap_or(u32::MAX),
                     timeout: config.redis_timeout,
                     key_prefix: config.redis_key_prefix.clone(),
                     secret: config.client_id_secret.expose().as_bytes().to_vec(),

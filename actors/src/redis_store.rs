@@ -33,7 +33,8 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use actix::Addr;
@@ -65,8 +66,11 @@ const MAX_STORED_WINDOW: u64 = 1 << 24;
 pub struct RedisSettings {
     /// `redis://` or `rediss://` URL, credentials allowed.
     pub url: String,
-    /// Maximum number of connections the pool opens.
+    /// Maximum number of connections the store opens, shared out among `threads`.
     pub pool_size: u32,
+    /// Threads that call the store: the HTTP workers and the thread of the actix system, which
+    /// runs the connection supervisor.
+    pub threads: u32,
     /// Bound on every store call, waiting for a connection included.
     pub timeout: Duration,
     /// First part of every key; must not contain `{` or `}`.
@@ -83,6 +87,7 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("pool_size", &self.pool_size)
+            .field("threads", &self.threads)
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
             .finish_non_exhaustive()
@@ -153,9 +158,17 @@ impl StoredPool {
     }
 }
 
-/// The shared state store on Redis, with a bb8 pool of connections.
+/// The shared state store on Redis, with a bb8 pool of connections for each thread that calls
+/// it.
+///
+/// A Redis connection reads its replies in a task on the thread that opened it. A call over a
+/// connection of another thread wakes that thread to send the command and again to hand back
+/// the reply, so each thread opens and uses its own connections.
 pub struct RedisStore {
-    pool: bb8::Pool<Manager>,
+    pools: RwLock<HashMap<ThreadId, bb8::Pool<Manager>>>,
+    manager: RedisConnectionManager,
+    /// Maximum connections of each thread's pool.
+    thread_pool_size: u32,
     timeout: Duration,
     keys: KeyNames,
     sealer: RecordSealer,
@@ -192,13 +205,10 @@ impl RedisStore {
                 error.kind()
             ))
         })?;
-        let pool = bb8::Pool::builder()
-            .max_size(settings.pool_size.max(1))
-            .connection_timeout(settings.timeout)
-            .test_on_check_out(false)
-            .build_unchecked(Manager { inner: manager });
         let store = Arc::new(Self {
-            pool,
+            pools: RwLock::default(),
+            manager,
+            thread_pool_size: (settings.pool_size / settings.threads.max(1)).max(1),
             timeout: settings.timeout,
             keys: KeyNames { prefix: settings.key_prefix },
             sealer: RecordSealer::new(&settings.secret, settings.previous_secret.as_deref()),
@@ -251,8 +261,31 @@ impl RedisStore {
         result
     }
 
-    async fn connection(&self, operation: &'static str) -> Result<PooledConnection<'_, Manager>, StoreError> {
-        self.pool.get().await.map_err(|error| match error {
+    /// Returns the pool of the calling thread, creating it on the thread's first call. A thread
+    /// that ends leaves its pool behind, so a process keeps at most one pool per thread it ran.
+    fn thread_pool(&self) -> bb8::Pool<Manager> {
+        let thread = std::thread::current().id();
+        let pools = self.pools.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = pools.get(&thread) {
+            return pool.clone();
+        }
+        drop(pools);
+        let mut pools = self.pools.write().unwrap_or_else(PoisonError::into_inner);
+        let pool = pools.entry(thread).or_insert_with(|| {
+            bb8::Pool::builder()
+                .max_size(self.thread_pool_size)
+                .connection_timeout(self.timeout)
+                .test_on_check_out(false)
+                .build_unchecked(Manager { inner: self.manager.clone() })
+        });
+        pool.clone()
+    }
+
+    async fn connection(
+        &self,
+        operation: &'static str,
+    ) -> Result<PooledConnection<'static, Manager>, StoreError> {
+        self.thread_pool().get_owned().await.map_err(|error| match error {
             RunError::User(error) => failed(operation, &error),
             RunError::TimedOut => StoreError::Unavailable(format!(
                 "{operation}: no connection within {} ms",

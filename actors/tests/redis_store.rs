@@ -32,6 +32,7 @@ fn settings(server: &RedisServer, secret: &[u8], previous: Option<&[u8]>) -> Red
     RedisSettings {
         url: server.url(),
         pool_size: 4,
+        threads: 1,
         timeout: STORE_TIMEOUT,
         key_prefix: "test-relay".into(),
         secret: secret.to_vec(),
@@ -434,6 +435,53 @@ async fn concurrent_seqs_of_one_session_share_replay_checks() {
     assert_eq!(accepted, (2..=301).collect::<BTreeSet<u64>>(), "each seq accepted exactly once");
     assert!(calls <= 60, "600 checks took {calls} script calls; they were not batched");
     assert!(calls >= 5, "600 checks took {calls} script calls, fewer than {} batches", 600 / 128);
+}
+
+async fn connected_clients(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(connection).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("connected_clients:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("INFO clients has connected_clients")
+}
+
+#[actix::test]
+async fn each_thread_calls_over_its_own_connections() {
+    let server = RedisServer::start();
+    let mut raw = raw_connection(&server).await;
+    let mut settings = settings(&server, SECRET, None);
+    settings.pool_size = 4;
+    settings.threads = 2;
+    let store = RedisStore::start(settings).expect("creating the store failed");
+
+    // Twenty calls at once from this thread open at most its share of 4 / 2 connections.
+    let before = connected_clients(&mut raw).await;
+    let calls = (0..20).map(|n| store.load_pool(if n % 2 == 0 { "even" } else { "odd" }));
+    for result in join_all(calls).await {
+        assert_eq!(result.expect("load_pool failed"), None);
+    }
+    let on_this_thread = connected_clients(&mut raw).await - before;
+    assert!((1..=2).contains(&on_this_thread), "{on_this_thread} connections for one thread");
+
+    // A call from another thread opens a connection of its own, which lives as long as that
+    // thread's runtime.
+    let (called, wait_for_call) = std::sync::mpsc::channel();
+    let (finish, wait_for_finish) = std::sync::mpsc::channel::<()>();
+    let other = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            actix::System::new().block_on(async move {
+                assert_eq!(store.load_pool("other").await.expect("load_pool failed"), None);
+                called.send(()).expect("the test stopped waiting");
+                let _ = wait_for_finish.recv_timeout(Duration::from_secs(10));
+            });
+        })
+    };
+    wait_for_call.recv_timeout(Duration::from_secs(10)).expect("the other thread made no call");
+    let with_other_thread = connected_clients(&mut raw).await - before;
+    assert_eq!(with_other_thread, on_this_thread + 1, "the other thread used this thread's connections");
+    let _ = finish.send(());
+    other.join().expect("the other thread panicked");
 }
 
 #[actix::test]
