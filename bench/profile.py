@@ -29,6 +29,7 @@ COMPONENTS = [
      r"^<?(aes|aes_gcm|polyval|ghash|universal_hash|sha2|hkdf|hmac|ml_kem|p256|subtle|ctr|cipher)::"),
     ("request records and logging", r"api_relay::telemetry|^<?tracing(_core|_subscriber|_actix_web)?::|zmij|itoa"),
     ("metrics", r"prometheus|api_relay::metrics"),
+    ("Redis client (redis, bb8)", r"^<?(redis|bb8|bb8_redis|combine)::"),
     ("relay code", r"^<?api_relay(_protocol|_actors)?::"),
     ("HTTP server (actix-http, actix-web, httparse)", r"^<?(actix_http|actix_web|actix_router|actix_service|httparse)::|httparse"),
     ("HTTP clients (awc to relay B, hyper to the upstream)", r"^<?(awc|hyper|hyper_util|h2)::"),
