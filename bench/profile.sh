@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CPU profile of a relay pair under load: perf samples both relays while wrk sends 1 KB POSTs
-# through them to the same nginx upstream bench/run.sh uses. Writes, per relay, a flame graph
-# and the folded stacks behind it, and one summary with the throughput, the CPU per request and
-# where that CPU goes.
+# through them to the same nginx upstream bench/run.sh uses. Writes, per relay, a flame graph,
+# the folded stacks behind it and perf's samples (<relay>.perf.data), and one summary with the
+# throughput, the CPU per request and where that CPU goes. It builds the release relay first,
+# and installs perf (apt-get) and inferno (cargo install) when they are missing.
 #
 # Usage: bench/profile.sh
 # Environment:
@@ -16,7 +17,8 @@
 #   KEEP_RUN_DIR, RELAY_DIR  as for bench/run.sh
 #
 # perf copies 8 KiB of stack per sample and unwinds it with the binary's DWARF tables, because
-# release builds keep no frame pointers. Reading the samples back takes about a minute.
+# release builds keep no frame pointers. Reading the samples back takes about ten seconds per
+# relay.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -183,11 +183,14 @@ def evaluate_targets(figures):
             relay["cpu_us_per_request"] <= nginx["cpu_us_per_request"],
         ))
 
-    relay, direct = figures.get(("light-1k", "relay")), figures.get(("light-1k", "direct"))
-    if relay is not None and direct is not None:
+    direct = figures.get(("light-1k", "direct"))
+    for target in RELAY_TARGETS:
+        relay = figures.get(("light-1k", target))
+        if relay is None or direct is None:
+            continue
         added = relay["p50_ms"] - direct["p50_ms"]
         rows.append((
-            "light load (10 connections): added p50 over direct < 0.5 ms",
+            f"light load (10 connections), {TARGET_LABELS[target]}: added p50 over direct < 0.5 ms",
             f"{added:.3f} ms ({relay['p50_ms']:.3f} vs {direct['p50_ms']:.3f} ms)",
             added < 0.5,
         ))
