@@ -17,6 +17,8 @@ import sys
 from collections import Counter
 
 STANDARD_LIBRARY = "standard library"
+# inferno-collapse-perf --all appends this to the names of kernel functions.
+KERNEL_MARK = "_[k]"
 OTHER = "other"
 
 # Components in the order they are tried: the first pattern that matches the sampled
@@ -130,20 +132,22 @@ def main():
         f"1 KB POST through relay A and relay B to the nginx upstream, {args.connections} connections, "
         f"{args.mode} mode: {requests / seconds:,.0f} requests/s, p99 {wrk['latency_us']['p99'] / 1000:.2f} ms, "
         f"{errors} errors, {cpu_us:.1f} µs of CPU per request for both relays together. "
-        "perf was sampling during the run, so these figures are a little worse than in "
-        "bench/RESULTS.md.\n\n"
+        "perf was sampling during the run, which costs CPU of its own, so throughput is lower and CPU "
+        "per request higher than in a bench/RESULTS.md run. Compare them only with profiles taken on "
+        "the same machine.\n\n"
+    )
+    sampled = ", ".join(f"{name} {totals[name] / 1e9:.2f} s" for name in names)
+    out.write(
+        f"CPU time sampled: {sampled}. The flame graphs beside this file (one SVG per relay) show "
+        "the same samples by call stack.\n\n"
     )
     header = "| {} | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     out.write("Share of each relay's CPU time by the component of the function sampled:\n\n")
     out.write(header.format("component"))
-    order = sorted(
-        {part for parts in by_component.values() for part in parts},
-        key=lambda part: -sum(by_component[name][part] / max(totals[name], 1) for name in names),
-    )
-    for part in order:
+    # A fixed order, so that profiles of two runs line up row by row.
+    for part in [name for name, _ in COMPONENTS] + [OTHER]:
         cells = " | ".join(percent(by_component[name][part], totals[name]) for name in names)
         out.write(f"| {part} | {cells} |\n")
-    out.write("| CPU time sampled | " + " | ".join(f"{totals[name] / 1e9:.2f} s" for name in names) + " |\n")
 
     out.write("\nShare of each relay's CPU time inside parts of its work, with what they call:\n\n")
     out.write(header.format("part"))
@@ -153,12 +157,18 @@ def main():
 
     for name in names:
         out.write(f"\n## {name}: the {args.top} functions with the most CPU time\n\n")
+        out.write("Functions marked (kernel) run in the Linux kernel.\n\n")
         out.write("| share | function |\n|---:|---|\n")
         for function, time in by_function[name].most_common(args.top):
-            label = function.replace("|", "\\|")
-            if len(label) > 110:
-                label = label[:107] + "..."
-            out.write(f"| {percent(time, totals[name])} | `{label}` |\n")
+            label = function.removesuffix(KERNEL_MARK)
+            label = label.replace("|", "\\|")
+            if len(label) > 160:
+                label = label[:157] + "..."
+            if function.endswith(KERNEL_MARK):
+                label = f"{label}` (kernel)"
+            else:
+                label = f"{label}`"
+            out.write(f"| {percent(time, totals[name])} | `{label} |\n")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@
 #   FREQUENCY    samples per second and relay (default 499)
 #   MODE         memory (default) or redis: the relays keep their state in a redis-server
 #                this script starts
-#   OUT_DIR      folder for the profiles (default: target/profile in the relay's tree)
+#   PROFILE_DIR  folder for the profiles (default: target/profile in the relay's tree). Not
+#                OUT_DIR, which cargo gives build scripts: some rebuild when it changes.
 #   THREADS      wrk threads (default 2)
 #   KEEP_RUN_DIR, RELAY_DIR  as for bench/run.sh
 #
@@ -28,7 +29,7 @@ CONNECTIONS=${CONNECTIONS:-100}
 SECONDS_SAMPLED=${SECONDS_SAMPLED:-10}
 FREQUENCY=${FREQUENCY:-499}
 MODE=${MODE:-memory}
-OUT_DIR=${OUT_DIR:-$RELAY_DIR/target/profile}
+PROFILE_DIR=${PROFILE_DIR:-$RELAY_DIR/target/profile}
 THREADS=${THREADS:-2}
 
 # shellcheck source=bench/lib.sh
@@ -44,7 +45,7 @@ fi
 build_relay
 
 prepare_run_dir
-mkdir -p "$OUT_DIR"
+mkdir -p "$PROFILE_DIR"
 read -r UPSTREAM_PORT RELAY_A_PORT RELAY_B_PORT REDIS_PORT <<<"$(free_ports 4)"
 OUTBOUND_TOKEN=$(openssl rand -hex 16)
 PAIRING_PSK=$(openssl rand -hex 32)
@@ -81,7 +82,7 @@ sleep 2
 perf_pids=()
 for name in relay-a relay-b; do
     pid_name=PID_${name//-/_}
-    perf record --quiet -F "$FREQUENCY" --call-graph dwarf -e cpu-clock -o "$OUT_DIR/$name.perf.data" \
+    perf record --quiet -F "$FREQUENCY" --call-graph dwarf -e cpu-clock -o "$PROFILE_DIR/$name.perf.data" \
         -p "${!pid_name}" -- sleep "$SECONDS_SAMPLED" 2>>"$RUN_DIR/perf.log" &
     perf_pids+=($!)
     PIDS+=($!)
@@ -94,17 +95,17 @@ cpu_after=$(cpu_ticks "${relay_pids[@]}")
 
 for name in relay-a relay-b; do
     log "folding the samples of $name"
-    perf script -i "$OUT_DIR/$name.perf.data" 2>>"$RUN_DIR/perf.log" |
-        inferno-collapse-perf --all >"$OUT_DIR/$name.folded"
+    perf script -i "$PROFILE_DIR/$name.perf.data" 2>>"$RUN_DIR/perf.log" |
+        inferno-collapse-perf --all >"$PROFILE_DIR/$name.folded"
     inferno-flamegraph --title "$name, $CONNECTIONS connections, 1 KB POST, $MODE mode" \
-        <"$OUT_DIR/$name.folded" >"$OUT_DIR/$name.svg"
+        <"$PROFILE_DIR/$name.folded" >"$PROFILE_DIR/$name.svg"
 done
 
 python3 "$BENCH_DIR/profile.py" \
     --wrk "$RUN_DIR/profile-wrk.json" --cpu-ticks $((cpu_after - cpu_before)) \
     --clock-ticks "$(getconf CLK_TCK)" --connections "$CONNECTIONS" --mode "$MODE" \
     --commit "$(git -C "$RELAY_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    --relay relay-a "$OUT_DIR/relay-a.folded" --relay relay-b "$OUT_DIR/relay-b.folded" \
-    >"$OUT_DIR/summary.md"
-cat "$OUT_DIR/summary.md"
-log "wrote $OUT_DIR/summary.md, relay-a.svg and relay-b.svg"
+    --relay relay-a "$PROFILE_DIR/relay-a.folded" --relay relay-b "$PROFILE_DIR/relay-b.folded" \
+    >"$PROFILE_DIR/summary.md"
+cat "$PROFILE_DIR/summary.md"
+log "wrote $PROFILE_DIR/summary.md, relay-a.svg and relay-b.svg"

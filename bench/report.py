@@ -329,7 +329,11 @@ def render(runs, meta, notes):
     for name, measured, met in evaluate_targets(figures):
         out.append(f"| {name} | {measured} | {status(met)} |")
     out.append("")
-    if notes:
+    if meta["quick"]:
+        # The notes describe the recorded run on bench/RESULTS.md, not this one.
+        out.append("The notes on reading these figures, the profile and what remains are in bench/RESULTS.md.")
+        out.append("")
+    elif notes:
         out.append(notes.rstrip())
         out.append("")
     return "\n".join(out)
