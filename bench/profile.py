@@ -22,7 +22,7 @@ KERNEL_MARK = "_[k]"
 OTHER = "other"
 
 # Components in the order they are tried: the first pattern that matches the sampled
-# function's name decides. inferno-collapse-perf --all marks kernel functions with "_[k]".
+# function's name decides. The kernel pattern matches KERNEL_MARK.
 COMPONENTS = [
     ("kernel: TCP on loopback, system calls, scheduler", r"_\[k\]$"),
     ("memory allocator (mimalloc)", r"^_?mi_|malloc|^free$|^cfree|_rjem_|^__libc_free"),
@@ -76,9 +76,9 @@ def component(function):
 
 
 def stack_component(frames):
-    """The component of the sampled function, or of its nearest caller that has one when the
-    function is in the standard library or has no crate path (perf names inlined functions
-    that way)."""
+    """Returns the component of the sampled function. When the function is in the standard
+    library or has no crate path (perf names inlined functions that way), returns the component
+    of its nearest caller that has one."""
     first = component(frames[-1])
     if first not in (STANDARD_LIBRARY, OTHER):
         return first

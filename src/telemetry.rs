@@ -150,10 +150,7 @@ impl RootSpanBuilder for RequestLog {
         }
         // Relayed exchanges and the 569 fallback match any path: their route is `*`. Finding
         // the pattern walks the route table, so the exchange handlers mark their requests.
-        let pattern = match extensions.get::<Relayed>() {
-            Some(Relayed) => None,
-            None => request.match_pattern(),
-        };
+        let pattern = if extensions.contains::<Relayed>() { None } else { request.match_pattern() };
         let route = pattern.as_deref().unwrap_or("*");
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = match extensions.get::<RequestId>() {

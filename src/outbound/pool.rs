@@ -33,7 +33,7 @@ use crate::outbound::peer::{PeerOrigin, resend_while_unreachable, send_error};
 /// Maximum bytes of a pairing answer relay A reads: room for 64 pairs of about 1.6 KiB each.
 const MAX_PAIRING_RESPONSE_BYTES: usize = 128 * 1024;
 
-/// Number of peers above which a new peer first prunes the map of peers that hold no live pair.
+/// Smallest number of peers at which a new peer first drops the peers that have no live pair.
 const MIN_PRUNE_PEERS: usize = 64;
 
 /// Pairs of every peer this relay talks to.
@@ -65,7 +65,7 @@ impl Default for Peers {
 }
 
 impl Peers {
-    fn insert(&mut self, key: &str) -> Arc<PeerPairs> {
+    fn get_or_insert(&mut self, key: &str) -> Arc<PeerPairs> {
         if let Some(peer) = self.by_origin.get(key) {
             return Arc::clone(peer);
         }
@@ -263,7 +263,7 @@ impl PairPool {
             return Arc::clone(peer);
         }
         drop(peers);
-        self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(origin.key())
+        self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(origin.key())
     }
 
     async fn pair(
@@ -337,8 +337,9 @@ impl PeerPairs {
         Some(Lease { session: session.clone(), generation: state.generation })
     }
 
-    /// Whether any pair of the current generation still has a running session. Sessions stop
-    /// when they expire or sit idle, so a peer the application stopped naming ends up with none.
+    /// Returns whether any pair of the current generation still has a running session. Sessions
+    /// stop when they expire or sit idle, so a peer the application stopped naming ends up with
+    /// none.
     fn has_live_pairs(&self) -> bool {
         self.read().pairs.iter().any(|session| session.addr.connected())
     }
@@ -415,7 +416,7 @@ mod tests {
         assert!(peer_count(&pool) <= MIN_PRUNE_PEERS, "{} peers remain", peer_count(&pool));
         // The same origin keeps its entry between lookups.
         let first = pool.peer(&origin(0));
-        assert!(Arc::ptr_eq(&first, &pool.peer(&origin(0))));
+        assert!(Arc::ptr_eq(&first, &pool.peer(&origin(0))), "a second lookup made a new entry");
     }
 
     #[actix::test]
@@ -453,6 +454,7 @@ mod tests {
         for n in 10 * MIN_PRUNE_PEERS..20 * MIN_PRUNE_PEERS {
             drop(pool.peer(&origin(n)));
         }
-        assert!(!pool.peers.read().expect("lock not poisoned").by_origin.contains_key(origin(1).key()));
+        let kept = pool.peers.read().expect("lock not poisoned").by_origin.contains_key(origin(1).key());
+        assert!(!kept, "a peer whose session stopped was kept");
     }
 }

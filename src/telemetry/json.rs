@@ -30,19 +30,32 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
         let metadata = event.metadata();
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(metadata.level().as_str())?;
-        writer.write_str("\",\"fields\":{")?;
-        let mut fields = Fields { writer: &mut writer, first: true, result: Ok(()) };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str("},\"target\":")?;
-        write_string(&mut writer, metadata.target())?;
-        writer.write_str("}\n")
+        write_line(&mut writer, metadata.level().as_str(), metadata.target(), |writer| {
+            let mut fields = Fields { writer, first: true, result: Ok(()) };
+            event.record(&mut fields);
+            fields.result
+        })
     }
+}
+
+/// Writes one record line: the timestamp, `level`, the members that `fields` writes into the
+/// `fields` object, and `target`.
+fn write_line<W: fmt::Write>(
+    writer: &mut W,
+    level: &str,
+    target: &str,
+    fields: impl FnOnce(&mut W) -> fmt::Result,
+) -> fmt::Result {
+    writer.write_str("{\"timestamp\":\"")?;
+    write_timestamp(writer, SystemTime::now())?;
+    writer.write_str("\",\"level\":\"")?;
+    writer.write_str(level)?;
+    writer.write_str("\",\"fields\":{")?;
+    fields(writer)?;
+    writer.write_str("},\"target\":")?;
+    write_string(writer, target)?;
+    writer.write_str("}\n")
 }
 
 /// The fields of the record a request writes when it ends.
@@ -86,30 +99,27 @@ pub const REQUEST_TARGET: &str = "api_relay::telemetry";
 /// Appends `record` to `line` as `JsonLines` writes the `request` event of
 /// [`super::RequestLog`], without going through tracing's dispatch and field visitors.
 pub fn write_request_record(line: &mut String, record: &RequestRecord<'_>) -> fmt::Result {
-    line.push_str("{\"timestamp\":\"");
-    write_timestamp(line, SystemTime::now())?;
-    line.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":");
-    write_string(line, record.method)?;
-    line.push_str(",\"route\":");
-    write_string(line, record.route)?;
-    line.push_str(",\"status\":");
-    line.push_str(itoa::Buffer::new().format(record.status));
-    line.push_str(",\"latency_ms\":");
-    write_float(line, record.latency_ms)?;
-    line.push_str(",\"role\":");
-    write_string(line, record.role)?;
-    line.push_str(",\"request_id\":");
-    write_string(line, record.request_id)?;
-    line.push_str(",\"peer\":");
-    write_string(line, record.peer)?;
-    line.push_str(",\"pair\":");
-    write_string(line, record.pair)?;
-    line.push_str(",\"upstream_status\":");
-    line.push_str(itoa::Buffer::new().format(record.upstream_status));
-    line.push_str("},\"target\":");
-    write_string(line, REQUEST_TARGET)?;
-    line.push_str("}\n");
-    Ok(())
+    write_line(line, "INFO", REQUEST_TARGET, |line| {
+        line.push_str("\"message\":\"request\",\"method\":");
+        write_string(line, record.method)?;
+        line.push_str(",\"route\":");
+        write_string(line, record.route)?;
+        line.push_str(",\"status\":");
+        line.push_str(itoa::Buffer::new().format(record.status));
+        line.push_str(",\"latency_ms\":");
+        write_float(line, record.latency_ms)?;
+        line.push_str(",\"role\":");
+        write_string(line, record.role)?;
+        line.push_str(",\"request_id\":");
+        write_string(line, record.request_id)?;
+        line.push_str(",\"peer\":");
+        write_string(line, record.peer)?;
+        line.push_str(",\"pair\":");
+        write_string(line, record.pair)?;
+        line.push_str(",\"upstream_status\":");
+        line.push_str(itoa::Buffer::new().format(record.upstream_status));
+        Ok(())
+    })
 }
 
 /// Writes the fields of one event as members of a JSON object.
