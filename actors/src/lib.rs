@@ -3,8 +3,9 @@
 //! Layout:
 //!
 //! - [`session`]: `PeerSession`, one actor per pair on one relay. It owns the pair's keys and
-//!   serialises its state transitions: allocating `seq` on relay A, accepting `seq` against the
-//!   replay window on relay B, expiring.
+//!   its counters: allocating `seq` on relay A, accepting `seq` against the replay window on
+//!   relay B, expiring. Steps that change only the counters run under a lock on the caller's
+//!   thread; block reservations in the store and stopping go through the actor.
 //! - [`registry`]: `SessionRegistry`, the map from pair id to live `PeerSession`, which loads a
 //!   session from the state store on a miss.
 //! - [`store`]: the `StateStore` trait and its embedded in-memory implementation.
@@ -14,11 +15,14 @@
 //! - [`snapshot`]: `PairSnapshot`, the serialisable copy of a session the store keeps.
 //! - [`workers`]: `Workers`, the HTTP worker threads sessions are placed on.
 //!
-//! Request path: an HTTP handler asks the registry for the pair's `PeerSession`, sends it one
-//! message (`AllocateSeq` or `AcceptSeq`) and gets back the `seq` and the pair keys. The handler
-//! then does all sealing and I/O itself, so one busy pair never makes another wait. With a shared
-//! store, the session also asks the store: relay A for a block of `seq` numbers, relay B for the
-//! atomic replay check of every `seq`.
+//! Request path: an HTTP handler asks the registry for the pair's session and calls
+//! `allocate_seq` or `accept_seq` on its handle, which returns the `seq` and the pair keys. With
+//! the in-memory store that takes the session's lock on the handler's thread. With a shared
+//! store, relay A's handle hands out numbers of a block reserved in the store, and asks the actor
+//! (`AllocateSeq`) for the next block; relay B's handle queues the number for the store's atomic
+//! replay check, which a task on a handler's thread runs in batches. A pair that reached a limit
+//! goes to the actor, which stops it. The handler then does all sealing and I/O itself, so one
+//! busy pair never makes another wait.
 #![forbid(unsafe_code)]
 
 #[doc(hidden)]

@@ -9,17 +9,22 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use actix::{Actor, Addr, ArbiterHandle};
+use actix::{Actor, Addr, ArbiterHandle, MailboxError};
 use api_relay_protocol::{ClientId, PairId, PairKeys};
 
+use crate::session::{Acceptance, SessionCore};
 use crate::workers::Workers;
-use crate::{PairSnapshot, PeerSession, Role, SessionLimits, StateStore, StoreError};
+use crate::{
+    AcceptSeq, AllocateSeq, Exchange, PairSnapshot, PeerSession, Role, SessionError, SessionLimits,
+    StateStore, StoreError,
+};
 
-/// A live session as the request path sees it: the actor, plus the immutable parts of the pair
-/// so a handler can open items before it asks the actor to accept the `seq`.
+/// A live session as the request path uses it: the actor, its counters, and the immutable parts
+/// of the pair so a handler can open items before it asks for the `seq`.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub addr: Addr<PeerSession>,
+    core: Arc<SessionCore>,
     pub pair_id: PairId,
     pub client_id: ClientId,
     pub keys: Arc<PairKeys>,
@@ -29,6 +34,34 @@ pub struct SessionHandle {
     /// Number of this session among all sessions the registry started, so a stopping session
     /// removes its own entry and never a newer session of the same pair.
     pub(crate) serial: u64,
+}
+
+impl SessionHandle {
+    /// Relay A: the next `seq` of the pair with its keys. It is handed out on the calling thread
+    /// when the session needs no store call and has not reached a limit, and by the actor
+    /// otherwise. The outer error means the actor has stopped.
+    pub async fn allocate_seq(&self) -> Result<Result<Exchange, SessionError>, MailboxError> {
+        match self.core.try_allocate() {
+            Some(exchange) => Ok(Ok(exchange)),
+            None => self.addr.send(AllocateSeq).await,
+        }
+    }
+
+    /// Relay B: accepts `seq` of the pair once. The in-memory replay window is checked on the
+    /// calling thread. A shared store's check runs in a task on the thread of an exchange that
+    /// waits for it, batched with the numbers that arrive meanwhile. An expired pair goes
+    /// through the actor. The outer error means the session has stopped.
+    pub async fn accept_seq(&self, seq: u64) -> Result<Result<Exchange, SessionError>, MailboxError> {
+        match self.core.accept(seq) {
+            Acceptance::Ready(reply) => Ok(reply),
+            Acceptance::Check => {
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                self.core.queue_check(seq, sender, &self.addr);
+                receiver.await.map_err(|_| MailboxError::Closed)
+            }
+            Acceptance::Stopped | Acceptance::Expire => self.addr.send(AcceptSeq { seq }).await,
+        }
+    }
 }
 
 /// Map from pair id and role to live session, backed by a state store.
@@ -178,11 +211,12 @@ impl SessionRegistry {
         let client_id = snapshot.client_id.clone();
         let keys = Arc::clone(&snapshot.keys);
         let session = PeerSession::new(snapshot, self.inner.limits, self.clone(), serial);
+        let core = session.core();
         let (addr, worker) = match worker {
             Some((index, arbiter)) => (PeerSession::start_in_arbiter(&arbiter, |_| session), Some(index)),
             None => (session.start(), Workers::current()),
         };
-        let handle = SessionHandle { addr, pair_id, client_id, keys, role, worker, serial };
+        let handle = SessionHandle { addr, core, pair_id, client_id, keys, role, worker, serial };
         sessions.insert(key, handle.clone());
         handle
     }

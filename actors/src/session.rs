@@ -1,15 +1,21 @@
 //! `PeerSession`: the live state of one pair on this relay, owned by exactly one actor.
 //!
-//! The actor serialises the pair's state transitions, so two exchanges of one pair never get the
-//! same `seq` (relay A) and one `seq` is never accepted twice (relay B). It hands out the pair
-//! keys with each `seq`; the sealing itself runs in the caller.
+//! The pair's counters sit in a [`SessionCore`] behind one short lock, which the actor and the
+//! handles of its callers share. Every step that only changes the counters runs under that lock
+//! on the caller's thread: relay A's next `seq` and relay B's check against the in-memory replay
+//! window. So two exchanges of one pair never get the same `seq` (relay A) and one `seq` is never
+//! accepted twice (relay B), and an exchange needs no message to the actor. The lock hands out
+//! the pair keys with each `seq`; the sealing itself runs in the caller.
 //!
-//! With the in-memory store, the actor itself keeps relay A's next `seq` and relay B's replay
-//! window. With a shared store, several processes may have a session of the same pair, so the
-//! store decides. Relay A reserves blocks of [`SEQ_BLOCK`] numbers with one atomic increment in
-//! the store and hands them out one by one. Relay B runs the store's atomic replay check for
-//! every `seq`. A store that does not answer makes the message fail with
-//! [`SessionError::Store`]; nothing is handed out or accepted then.
+//! With the in-memory store, the core keeps relay A's next `seq` and relay B's replay window.
+//! With a shared store, several processes may have a session of the same pair, so the store
+//! decides. Relay A reserves blocks of [`SEQ_BLOCK`] numbers with one atomic increment in the
+//! store, through the actor, which serialises the reservations, and hands them out one by one
+//! under the lock. Relay B runs the store's atomic replay check for every `seq`: a check task,
+//! started on the thread of an exchange that found none running, sends the numbers that wait
+//! in batches until none is left. A store that does not respond makes the step fail with
+//! [`SessionError::Store`]; nothing is handed out or accepted then. Stopping the session goes
+//! through the actor too.
 //!
 //! A pair expires when it was idle longer than `idle_timeout`, is older than `max_age`, or has
 //! carried `max_exchanges` exchanges, which bounds how much traffic one key protects. An expired
@@ -17,7 +23,8 @@
 //! session idle in this process only leaves this process's memory: the store expires the pair
 //! once no process has used it for `idle_timeout`.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix::dev::{MessageResponse, OneshotSender};
@@ -28,7 +35,7 @@ use thiserror::Error;
 
 use crate::snapshot::unix_now;
 use crate::store::{SeqCheck, StoreError};
-use crate::{PairSnapshot, Role, SessionRegistry};
+use crate::{PairSnapshot, Role, SessionRegistry, StateStore};
 
 /// Sequence numbers relay A reserves from a shared store at once. A process that stops skips
 /// the rest of its block, so a crash loses at most this many numbers and never repeats one.
@@ -64,11 +71,6 @@ pub struct Retire;
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 struct CheckExpiry;
-
-/// Relay B with a shared store: start the replay check of the waiting numbers, unless one runs.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-struct CheckWaiting;
 
 /// What one exchange needs from its session.
 #[derive(Debug, Clone)]
@@ -111,95 +113,385 @@ impl SessionLimits {
     }
 }
 
-/// The actor owning one pair.
-pub struct PeerSession {
-    snapshot: PairSnapshot,
+/// The counters of one pair that its exchanges read and change, shared by the session actor and
+/// every [`SessionHandle`](crate::SessionHandle) of it. The lock is held only to read and bump
+/// counters, never across a store call.
+pub struct SessionCore {
+    pair_id: PairId,
+    client_id: ClientId,
+    keys: Arc<PairKeys>,
+    role: Role,
+    /// Seconds since the Unix epoch when the pairing finished.
+    created_at: u64,
     limits: SessionLimits,
-    last_used: Instant,
-    exchanges: u64,
-    registry: SessionRegistry,
-    serial: u64,
     /// Whether the store is shared, so `seq` and the replay window live there.
     shared: bool,
+    /// Size of relay B's replay window, for the checks in a shared store.
+    window_size: u64,
+    store: Arc<dyn StateStore>,
+    counters: Mutex<Counters>,
+}
+
+struct Counters {
+    /// The actor stopped or is stopping, so callers go to it and learn why.
+    stopped: bool,
+    last_used: Instant,
+    exchanges: u64,
+    /// Relay A with the in-memory store: the next `seq` to hand out.
+    next_seq: u64,
     /// Relay A with a shared store: the next number of the reserved block.
     reserved_next: u64,
     /// Relay A with a shared store: the last number of the reserved block.
     reserved_last: u64,
-    /// Relay A with a shared store: when the pair's lifetime in the store was last set.
-    refreshed: Instant,
-    /// Relay B with a shared store: numbers waiting for the replay check, with their callers.
-    waiting: Waiting,
-    /// Relay B with a shared store: a replay check is running in the store.
+    /// Relay B with the in-memory store: the replay window.
+    window: Option<ReplayWindow>,
+    /// Relay B with a shared store: numbers waiting for the next replay check, with their callers.
+    waiting: Vec<(u64, OneshotSender<Reply>)>,
+    /// Relay B with a shared store: a task runs replay checks until no number waits.
     checking: bool,
-    /// Relay B with a shared store: a `CheckWaiting` message is queued.
-    check_due: bool,
 }
 
-type Reply = Result<Exchange, SessionError>;
+/// Outcome of allocating relay A's next `seq` under the lock.
+enum Allocation {
+    Ready(Exchange),
+    /// The session is stopping.
+    Stopped,
+    /// The pair reached a limit, so the session must stop.
+    Expire,
+    /// The reserved block is used up, so the next one comes from the store.
+    Reserve,
+}
 
-/// Numbers waiting for the replay check and where each outcome goes. The session and the replies
-/// of its `AcceptSeq` handler share it: the handler runs before actix hands the reply its
-/// sender, so the reply adds the sender itself.
-type Waiting = Arc<Mutex<Vec<(u64, OneshotSender<Reply>)>>>;
+/// Outcome of relay B's check of one `seq` under the lock.
+pub(crate) enum Acceptance {
+    Ready(Reply),
+    /// The session is stopping.
+    Stopped,
+    /// The pair reached a limit, so the session must stop.
+    Expire,
+    /// The shared store checks the `seq`.
+    Check,
+}
 
-impl PeerSession {
-    pub fn new(
-        snapshot: PairSnapshot,
-        limits: SessionLimits,
-        registry: SessionRegistry,
-        serial: u64,
-    ) -> Self {
-        let shared = registry.store().is_shared();
-        Self {
-            snapshot,
-            limits,
+impl SessionCore {
+    fn new(snapshot: &mut PairSnapshot, limits: SessionLimits, store: Arc<dyn StateStore>) -> Self {
+        let window = snapshot.window.take();
+        let window_size = window.as_ref().map_or(DEFAULT_WINDOW, ReplayWindow::size);
+        let counters = Counters {
+            stopped: false,
             last_used: Instant::now(),
             exchanges: 0,
-            registry,
-            serial,
-            shared,
+            next_seq: snapshot.next_seq,
             reserved_next: 1,
             reserved_last: 0,
-            refreshed: Instant::now(),
-            waiting: Waiting::default(),
+            window,
+            waiting: Vec::new(),
             checking: false,
-            check_due: false,
+        };
+        Self {
+            pair_id: snapshot.pair_id,
+            client_id: snapshot.client_id.clone(),
+            keys: Arc::clone(&snapshot.keys),
+            role: snapshot.role,
+            created_at: snapshot.created_at,
+            limits,
+            shared: store.is_shared(),
+            window_size,
+            store,
+            counters: Mutex::new(counters),
+        }
+    }
+
+    /// Relay A: the next `seq` with the pair keys, when the lock alone can hand it out.
+    pub fn try_allocate(&self) -> Option<Exchange> {
+        match self.allocate() {
+            Allocation::Ready(exchange) => Some(exchange),
+            Allocation::Stopped | Allocation::Expire | Allocation::Reserve => None,
+        }
+    }
+
+    /// Relay B: the outcome of checking `seq`, when the lock alone can decide it.
+    pub fn try_accept(&self, seq: u64) -> Option<Reply> {
+        match self.accept(seq) {
+            Acceptance::Ready(reply) => Some(reply),
+            Acceptance::Stopped | Acceptance::Expire | Acceptance::Check => None,
+        }
+    }
+
+    fn allocate(&self) -> Allocation {
+        let now = Instant::now();
+        let mut counters = self.lock();
+        if counters.stopped {
+            return Allocation::Stopped;
+        }
+        let idle_here = !self.shared && self.idle(&counters, now);
+        if self.role != Role::Outbound || self.worn_out(&counters) || idle_here {
+            return Allocation::Expire;
+        }
+        let seq = if !self.shared {
+            counters.next_seq += 1;
+            counters.next_seq - 1
+        } else if counters.reserved_next <= counters.reserved_last {
+            counters.reserved_next += 1;
+            counters.reserved_next - 1
+        } else {
+            return Allocation::Reserve;
+        };
+        if seq > self.limits.max_exchanges {
+            return Allocation::Expire;
+        }
+        Allocation::Ready(self.exchange(&mut counters, seq, now))
+    }
+
+    /// Relay A with a shared store: takes a newly reserved block and hands out its first number.
+    fn allocate_from(&self, block: RangeInclusive<u64>) -> Allocation {
+        let now = Instant::now();
+        let mut counters = self.lock();
+        counters.reserved_next = block.start() + 1;
+        counters.reserved_last = *block.end();
+        if counters.stopped {
+            return Allocation::Stopped;
+        }
+        if *block.start() > self.limits.max_exchanges {
+            return Allocation::Expire;
+        }
+        Allocation::Ready(self.exchange(&mut counters, *block.start(), now))
+    }
+
+    pub(crate) fn accept(&self, seq: u64) -> Acceptance {
+        let now = Instant::now();
+        let mut counters = self.lock();
+        if counters.stopped {
+            return Acceptance::Stopped;
+        }
+        if self.shared {
+            let past_age = self.limits.store_ttl(self.created_at).is_none();
+            if past_age || self.worn_out(&counters) || seq > self.limits.max_exchanges {
+                return Acceptance::Expire;
+            }
+            return Acceptance::Check;
+        }
+        if self.worn_out(&counters) || self.idle(&counters, now) {
+            return Acceptance::Expire;
+        }
+        let window = counters.window.get_or_insert_with(|| ReplayWindow::new(DEFAULT_WINDOW));
+        match window.check_and_mark(seq) {
+            Ok(()) => Acceptance::Ready(Ok(self.exchange(&mut counters, seq, now))),
+            Err(error) => Acceptance::Ready(Err(SessionError::Replay(error))),
+        }
+    }
+
+    /// Counts an exchange the shared store accepted.
+    fn accepted(&self, seq: u64) -> Exchange {
+        let now = Instant::now();
+        let mut counters = self.lock();
+        self.exchange(&mut counters, seq, now)
+    }
+
+    /// Relay B with a shared store: queues `seq` for the store's atomic replay check, whose
+    /// outcome goes to `sender`. Unless a check task runs, one starts on the calling thread. It
+    /// checks the waiting numbers in batches until none is left, so the store call and the
+    /// replies stay on the thread of the exchange that started it. `session` is told when the
+    /// pair must leave memory.
+    pub(crate) fn queue_check(
+        self: &Arc<Self>,
+        seq: u64,
+        sender: OneshotSender<Reply>,
+        session: &Addr<PeerSession>,
+    ) {
+        let start = {
+            let mut counters = self.lock();
+            if counters.stopped {
+                drop(counters);
+                let _ = sender.send(Err(SessionError::Expired));
+                return;
+            }
+            counters.waiting.push((seq, sender));
+            !std::mem::replace(&mut counters.checking, true)
+        };
+        if start {
+            actix::spawn(Arc::clone(self).run_checks(session.clone()));
+        }
+    }
+
+    /// Sends the waiting numbers to the store, at most [`MAX_CHECK_BATCH`] per call, and replies
+    /// to their callers, until no number waits.
+    async fn run_checks(self: Arc<Self>, session: Addr<PeerSession>) {
+        let mut task = CheckTask { core: Arc::clone(&self), done: false };
+        loop {
+            // Lets the other exchanges that are ready on this thread queue their numbers first,
+            // so that under load one call checks more of them.
+            tokio::task::yield_now().await;
+            let batch: Vec<(u64, OneshotSender<Reply>)> = {
+                let mut counters = self.lock();
+                if counters.waiting.is_empty() {
+                    counters.checking = false;
+                    task.done = true;
+                    return;
+                }
+                let count = counters.waiting.len().min(MAX_CHECK_BATCH);
+                counters.waiting.drain(..count).collect()
+            };
+            let Some(ttl) = self.limits.store_ttl(self.created_at) else {
+                // Past its maximum age: the store drops the pair by its lifetime.
+                for (_, sender) in batch {
+                    let _ = sender.send(Err(SessionError::Expired));
+                }
+                session.do_send(Retire);
+                continue;
+            };
+            let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+            let result = self.store.accept_seqs(&self.pair_id, &seqs, self.window_size, ttl).await;
+            if self.reply_to_batch(batch, result) {
+                // Expired in the store (idle or too old) or removed by another process.
+                session.do_send(Retire);
+            }
+        }
+    }
+
+    /// Replies to the callers of one replay check, in the order the store returned the
+    /// outcomes. Returns whether the store no longer has the pair.
+    fn reply_to_batch(
+        &self,
+        batch: Vec<(u64, OneshotSender<Reply>)>,
+        result: Result<Vec<SeqCheck>, StoreError>,
+    ) -> bool {
+        let outcomes = match result {
+            Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
+            failed => {
+                let reason = match failed {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "replay check returned the wrong number of outcomes".to_owned(),
+                };
+                for (_, sender) in batch {
+                    let _ = sender.send(Err(SessionError::Store(reason.clone())));
+                }
+                return false;
+            }
+        };
+        let mut pair_missing = false;
+        for ((seq, sender), outcome) in batch.into_iter().zip(outcomes) {
+            let reply = match outcome {
+                SeqCheck::Accepted => Ok(self.accepted(seq)),
+                SeqCheck::Replayed => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
+                SeqCheck::Stale => Err(SessionError::Replay(ProtocolError::Stale { seq })),
+                SeqCheck::PairNotFound => {
+                    pair_missing = true;
+                    Err(SessionError::Expired)
+                }
+            };
+            // A caller that stopped waiting drops the reply.
+            let _ = sender.send(reply);
+        }
+        pair_missing
+    }
+
+    /// Marks the session stopped and replies to every waiting caller, because no check will run
+    /// for them.
+    fn stop(&self) {
+        let waiting = {
+            let mut counters = self.lock();
+            counters.stopped = true;
+            std::mem::take(&mut counters.waiting)
+        };
+        for (_, sender) in waiting {
+            let _ = sender.send(Err(SessionError::Expired));
+        }
+    }
+
+    fn exchange(&self, counters: &mut Counters, seq: u64, now: Instant) -> Exchange {
+        counters.last_used = now;
+        counters.exchanges += 1;
+        Exchange {
+            pair_id: self.pair_id,
+            client_id: self.client_id.clone(),
+            seq,
+            keys: Arc::clone(&self.keys),
         }
     }
 
     /// Returns whether the pair reached its maximum age or exchange count, in whichever process
     /// it was used.
-    fn worn_out(&self) -> bool {
-        self.snapshot.age() >= self.limits.max_age || self.exchanges >= self.limits.max_exchanges
+    fn worn_out(&self, counters: &Counters) -> bool {
+        let age = Duration::from_secs(unix_now().saturating_sub(self.created_at));
+        age >= self.limits.max_age || counters.exchanges >= self.limits.max_exchanges
     }
 
-    fn idle(&self) -> bool {
-        self.last_used.elapsed() >= self.limits.idle_timeout
+    fn idle(&self, counters: &Counters, now: Instant) -> bool {
+        now.saturating_duration_since(counters.last_used) >= self.limits.idle_timeout
     }
 
-    fn exchange(&mut self, seq: u64) -> Exchange {
-        self.last_used = Instant::now();
-        self.exchanges += 1;
-        Exchange {
-            pair_id: self.snapshot.pair_id,
-            client_id: self.snapshot.client_id.clone(),
-            seq,
-            keys: Arc::clone(&self.snapshot.keys),
+    fn lock(&self) -> MutexGuard<'_, Counters> {
+        // Every change under the lock is a few plain assignments, so a poisoned lock is consistent.
+        self.counters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Relay B's running check task. A task that is dropped before it finished (its worker stopped)
+/// lets the next caller start a new one, and fails the numbers waiting for it, so no caller
+/// waits for a task that is gone.
+struct CheckTask {
+    core: Arc<SessionCore>,
+    done: bool,
+}
+
+impl Drop for CheckTask {
+    fn drop(&mut self) {
+        if self.done {
+            return;
         }
+        let waiting = {
+            let mut counters = self.core.lock();
+            counters.checking = false;
+            std::mem::take(&mut counters.waiting)
+        };
+        for (_, sender) in waiting {
+            let _ = sender
+                .send(Err(SessionError::Store("replay check task stopped before it finished".to_owned())));
+        }
+    }
+}
+
+/// The actor owning one pair.
+pub struct PeerSession {
+    snapshot: PairSnapshot,
+    core: Arc<SessionCore>,
+    registry: SessionRegistry,
+    serial: u64,
+    /// Relay A with a shared store: when the pair's lifetime in the store was last set.
+    refreshed: Instant,
+}
+
+type Reply = Result<Exchange, SessionError>;
+
+impl PeerSession {
+    pub fn new(
+        mut snapshot: PairSnapshot,
+        limits: SessionLimits,
+        registry: SessionRegistry,
+        serial: u64,
+    ) -> Self {
+        let store = Arc::clone(registry.store());
+        let core = Arc::new(SessionCore::new(&mut snapshot, limits, store));
+        Self { snapshot, core, registry, serial, refreshed: Instant::now() }
+    }
+
+    /// Returns the counters this session shares with the handles of its callers.
+    pub fn core(&self) -> Arc<SessionCore> {
+        Arc::clone(&self.core)
     }
 
     /// Stops the session and removes the pair from memory and from the store.
     fn expire(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair expired");
+        self.stop(ctx);
         self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
-        self.reply_to_waiting(|| Err(SessionError::Expired));
-        ctx.stop();
     }
 
     /// Stops a session this process no longer uses: with a shared store other processes may
     /// still use the pair, so it stays stored, otherwise it is removed.
     fn leave_memory(&mut self, ctx: &mut Context<Self>) {
-        if self.shared {
+        if self.core.shared {
             self.evict(ctx);
         } else {
             self.expire(ctx);
@@ -209,30 +501,21 @@ impl PeerSession {
     /// Stops the session and removes it from this process's memory only.
     fn evict(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair left memory");
+        self.stop(ctx);
         self.registry.evict(self.snapshot.pair_id, self.snapshot.role, self.serial);
-        self.reply_to_waiting(|| Err(SessionError::Expired));
+    }
+
+    /// Marks the core stopped, so callers come to the actor and find it gone, replies to every
+    /// waiting caller and stops the actor.
+    fn stop(&mut self, ctx: &mut Context<Self>) {
+        self.core.stop();
         ctx.stop();
-    }
-
-    /// Takes up to `limit` waiting numbers with their callers, oldest first.
-    fn take_waiting(&self, limit: usize) -> Vec<(u64, OneshotSender<Reply>)> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = waiting.len().min(limit);
-        waiting.drain(..count).collect()
-    }
-
-    /// Sends `reply()` to every waiting caller, because the session stops and no check will run.
-    fn reply_to_waiting(&self, reply: impl Fn() -> Reply) {
-        for (_, sender) in self.take_waiting(usize::MAX) {
-            // A caller that stopped waiting drops the reply.
-            let _ = sender.send(reply());
-        }
     }
 
     /// Relay A with a shared store: sets the pair's lifetime in the store again after use, so
     /// that the pair stays stored while this process uses numbers of a reserved block.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else { return };
+        let Some(ttl) = self.core.limits.store_ttl(self.snapshot.created_at) else { return };
         self.refreshed = Instant::now();
         let store = Arc::clone(self.registry.store());
         let pair_id = self.snapshot.pair_id;
@@ -246,18 +529,21 @@ impl PeerSession {
         }));
     }
 
-    /// Hands out `seq` of a reserved block, unless it passes the exchange limit.
-    fn reserved_exchange(&mut self, seq: u64, ctx: &mut Context<Self>) -> Reply {
-        if seq > self.limits.max_exchanges {
-            self.expire(ctx);
-            return Err(SessionError::Expired);
+    /// Replies with a ready exchange, or stops the session for an expired pair.
+    fn allocation_reply(&mut self, allocation: Allocation, ctx: &mut Context<Self>) -> Reply {
+        match allocation {
+            Allocation::Ready(exchange) => Ok(exchange),
+            Allocation::Stopped => Err(SessionError::Expired),
+            Allocation::Expire | Allocation::Reserve => {
+                self.expire(ctx);
+                Err(SessionError::Expired)
+            }
         }
-        Ok(self.exchange(seq))
     }
 
     /// Relay A with a shared store: reserves the next block and hands out its first number.
     fn reserve_block(&mut self, ctx: &mut Context<Self>) -> SeqReply {
-        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else {
+        let Some(ttl) = self.core.limits.store_ttl(self.snapshot.created_at) else {
             self.expire(ctx);
             return SeqReply::Now(Err(SessionError::Expired));
         };
@@ -267,9 +553,8 @@ impl PeerSession {
         let handled = reserve.into_actor(self).map(|result, session, ctx| match result {
             Ok(Some(block)) => {
                 session.refreshed = Instant::now();
-                session.reserved_next = block.start() + 1;
-                session.reserved_last = *block.end();
-                session.reserved_exchange(*block.start(), ctx)
+                let allocation = session.core.allocate_from(block);
+                session.allocation_reply(allocation, ctx)
             }
             // Expired in the store (idle or too old) or removed by another process.
             Ok(None) => {
@@ -280,88 +565,6 @@ impl PeerSession {
         });
         SeqReply::Atomic(AtomicResponse::new(Box::pin(handled)))
     }
-
-    /// Relay B with a shared store: queues `seq` for the store's atomic replay check, which runs
-    /// once the current message is handled, or after the check that is running now.
-    fn accept_shared(&mut self, seq: u64, ctx: &mut Context<Self>) -> SeqReply {
-        let ttl = self.limits.store_ttl(self.snapshot.created_at);
-        if ttl.is_none() || self.worn_out() || seq > self.limits.max_exchanges {
-            self.expire(ctx);
-            return SeqReply::Now(Err(SessionError::Expired));
-        }
-        if !self.checking && !self.check_due {
-            self.check_due = true;
-            ctx.notify(CheckWaiting);
-        }
-        SeqReply::Wait { seq, waiting: Arc::clone(&self.waiting) }
-    }
-
-    /// Relay B with a shared store: sends the waiting numbers to the store in one replay check
-    /// and replies to their callers when it returns. Then it checks the numbers that came meanwhile.
-    fn check_waiting(&mut self, ctx: &mut Context<Self>) {
-        if self.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
-            return;
-        }
-        // Expiring replies to every waiting caller.
-        let Some(ttl) = self.limits.store_ttl(self.snapshot.created_at) else {
-            self.expire(ctx);
-            return;
-        };
-        let batch = self.take_waiting(MAX_CHECK_BATCH);
-        self.checking = true;
-        let store = Arc::clone(self.registry.store());
-        let pair_id = self.snapshot.pair_id;
-        let window = self.snapshot.window.as_ref().map_or(DEFAULT_WINDOW, ReplayWindow::size);
-        let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
-        let check = async move { store.accept_seqs(&pair_id, &seqs, window, ttl).await };
-        ctx.spawn(check.into_actor(self).map(move |result, session, ctx| {
-            session.checking = false;
-            session.reply_to_batch(batch, result, ctx);
-            if ctx.state().alive() {
-                session.check_waiting(ctx);
-            }
-        }));
-    }
-
-    /// Replies to the callers of one replay check, in the order the store returned the outcomes.
-    fn reply_to_batch(
-        &mut self,
-        batch: Vec<(u64, OneshotSender<Reply>)>,
-        result: Result<Vec<SeqCheck>, StoreError>,
-        ctx: &mut Context<Self>,
-    ) {
-        let outcomes = match result {
-            Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
-            failed => {
-                let reason = match failed {
-                    Err(error) => error.to_string(),
-                    Ok(_) => "replay check returned the wrong number of outcomes".to_owned(),
-                };
-                for (_, sender) in batch {
-                    let _ = sender.send(Err(SessionError::Store(reason.clone())));
-                }
-                return;
-            }
-        };
-        let mut pair_missing = false;
-        for ((seq, sender), outcome) in batch.into_iter().zip(outcomes) {
-            let reply = match outcome {
-                SeqCheck::Accepted => Ok(self.exchange(seq)),
-                SeqCheck::Replayed => Err(SessionError::Replay(ProtocolError::Replayed { seq })),
-                SeqCheck::Stale => Err(SessionError::Replay(ProtocolError::Stale { seq })),
-                SeqCheck::PairNotFound => {
-                    pair_missing = true;
-                    Err(SessionError::Expired)
-                }
-            };
-            // A caller that stopped waiting drops the reply.
-            let _ = sender.send(reply);
-        }
-        // Expired in the store (idle or too old) or removed by another process.
-        if pair_missing {
-            self.evict(ctx);
-        }
-    }
 }
 
 /// A session's reply to `AllocateSeq` or `AcceptSeq`: sent at once, after a store call, or
@@ -369,17 +572,16 @@ impl PeerSession {
 ///
 /// A reply known at once is sent before the handler returns, so it arrives even when the
 /// session stops in the same step (an expired pair). Actix drops the futures of a stopping
-/// actor, so a future reply would be lost there. A stopping session replies to its waiting
-/// callers before it stops.
+/// actor, so a future reply would be lost there. Replay checks run in a task of their own, and
+/// a stopping session replies to the callers still waiting for one.
 pub enum SeqReply {
     /// Sent at once.
     Now(Reply),
     /// After a store call that holds back the session's other messages (relay A's block
     /// reservation, so concurrent allocations wait for one block instead of reserving many).
     Atomic(AtomicResponse<PeerSession, Reply>),
-    /// After relay B's replay check in a shared store: the caller waits in `waiting` until the
-    /// session's next check replies.
-    Wait { seq: u64, waiting: Waiting },
+    /// After relay B's replay check in a shared store, which the session's check task runs.
+    Check { seq: u64, core: Arc<SessionCore> },
 }
 
 impl<M: Message<Result = Reply>> MessageResponse<PeerSession, M> for SeqReply {
@@ -392,11 +594,11 @@ impl<M: Message<Result = Reply>> MessageResponse<PeerSession, M> for SeqReply {
                 }
             }
             SeqReply::Atomic(response) => MessageResponse::<PeerSession, M>::handle(response, ctx, tx),
-            SeqReply::Wait { seq, waiting } => {
+            SeqReply::Check { seq, core } => {
                 // A message sent with `do_send` has no sender; its seq is not checked either, so
                 // the window keeps it free for a later copy.
                 if let Some(tx) = tx {
-                    waiting.lock().unwrap_or_else(PoisonError::into_inner).push((seq, tx));
+                    core.queue_check(seq, tx, &ctx.address());
                 }
             }
         }
@@ -408,7 +610,7 @@ impl Actor for PeerSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let period =
-            (self.limits.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            (self.core.limits.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         ctx.run_interval(period, |_, ctx| ctx.notify(CheckExpiry));
     }
 }
@@ -417,11 +619,15 @@ impl Handler<CheckExpiry> for PeerSession {
     type Result = ();
 
     fn handle(&mut self, _: CheckExpiry, ctx: &mut Self::Context) {
-        if self.worn_out() {
+        let (worn_out, idle, last_used) = {
+            let counters = self.core.lock();
+            (self.core.worn_out(&counters), self.core.idle(&counters, Instant::now()), counters.last_used)
+        };
+        if worn_out {
             self.expire(ctx);
-        } else if self.idle() {
+        } else if idle {
             self.leave_memory(ctx);
-        } else if self.shared && self.snapshot.role == Role::Outbound && self.last_used > self.refreshed {
+        } else if self.core.shared && self.core.role == Role::Outbound && last_used > self.refreshed {
             self.refresh(ctx);
         }
     }
@@ -435,37 +641,14 @@ impl Handler<Retire> for PeerSession {
     }
 }
 
-impl Handler<CheckWaiting> for PeerSession {
-    type Result = ();
-
-    fn handle(&mut self, _: CheckWaiting, ctx: &mut Self::Context) {
-        self.check_due = false;
-        if !self.checking {
-            self.check_waiting(ctx);
-        }
-    }
-}
-
 impl Handler<AllocateSeq> for PeerSession {
     type Result = SeqReply;
 
     fn handle(&mut self, _: AllocateSeq, ctx: &mut Self::Context) -> Self::Result {
-        let idle_here = !self.shared && self.idle();
-        if self.snapshot.role != Role::Outbound || self.worn_out() || idle_here {
-            self.expire(ctx);
-            return SeqReply::Now(Err(SessionError::Expired));
+        match self.core.allocate() {
+            Allocation::Reserve => self.reserve_block(ctx),
+            allocation => SeqReply::Now(self.allocation_reply(allocation, ctx)),
         }
-        if !self.shared {
-            let seq = self.snapshot.next_seq;
-            self.snapshot.next_seq += 1;
-            return SeqReply::Now(Ok(self.exchange(seq)));
-        }
-        if self.reserved_next <= self.reserved_last {
-            let seq = self.reserved_next;
-            self.reserved_next += 1;
-            return SeqReply::Now(self.reserved_exchange(seq, ctx));
-        }
-        self.reserve_block(ctx)
     }
 }
 
@@ -473,18 +656,14 @@ impl Handler<AcceptSeq> for PeerSession {
     type Result = SeqReply;
 
     fn handle(&mut self, message: AcceptSeq, ctx: &mut Self::Context) -> Self::Result {
-        if self.shared {
-            return self.accept_shared(message.seq, ctx);
+        match self.core.accept(message.seq) {
+            Acceptance::Ready(reply) => SeqReply::Now(reply),
+            Acceptance::Check => SeqReply::Check { seq: message.seq, core: self.core() },
+            Acceptance::Stopped => SeqReply::Now(Err(SessionError::Expired)),
+            Acceptance::Expire => {
+                self.expire(ctx);
+                SeqReply::Now(Err(SessionError::Expired))
+            }
         }
-        if self.worn_out() || self.idle() {
-            self.expire(ctx);
-            return SeqReply::Now(Err(SessionError::Expired));
-        }
-        let window = self.snapshot.window.get_or_insert_with(|| ReplayWindow::new(DEFAULT_WINDOW));
-        let reply = match window.check_and_mark(message.seq) {
-            Ok(()) => Ok(self.exchange(message.seq)),
-            Err(error) => Err(SessionError::Replay(error)),
-        };
-        SeqReply::Now(reply)
     }
 }

@@ -235,7 +235,9 @@ async fn sessions_of_two_processes_never_share_a_seq() {
     let pair = first.insert(snapshot(Role::Outbound)).await.unwrap();
     let loaded = second.find_as(&pair.pair_id, Role::Outbound).await.unwrap().expect("pair not loaded");
 
-    let requests = (0..300).flat_map(|_| [pair.addr.send(AllocateSeq), loaded.addr.send(AllocateSeq)]);
+    // Through the handles, as the relay asks: most numbers come from a reserved block under the
+    // session's lock, and every 64th reserves the next block through the actor.
+    let requests = (0..300).flat_map(|_| [pair.allocate_seq(), loaded.allocate_seq()]);
     let replies = join_all(requests).await;
 
     let mut seqs = HashSet::new();
@@ -297,8 +299,8 @@ async fn inbound_sessions_of_two_processes_accept_each_seq_once() {
     let pair = first.insert(snapshot(Role::Inbound)).await.unwrap();
     let loaded = second.find(&pair.pair_id).await.unwrap().expect("pair not loaded");
 
-    let requests =
-        (1..=200u64).flat_map(|seq| [pair.addr.send(AcceptSeq { seq }), loaded.addr.send(AcceptSeq { seq })]);
+    // Through the handles, as the relay asks: each process runs its checks in a task of its own.
+    let requests = (1..=200u64).flat_map(|seq| [pair.accept_seq(seq), loaded.accept_seq(seq)]);
     let replies = join_all(requests).await;
 
     let mut accepted = 0;

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api_relay_actors::{
-    AcceptSeq, AllocateSeq, MemoryStore, PairSnapshot, Role, SessionError, SessionLimits, SessionRegistry,
+    AcceptSeq, AllocateSeq, MemoryStore, PairSnapshot, Role, SessionError, SessionHandle, SessionLimits,
+    SessionRegistry,
 };
 use api_relay_protocol::{ClientIdSigner, PairId, PairKeys, ProtocolError};
 
@@ -99,4 +100,91 @@ async fn memory_registry_finds_only_live_sessions() {
     let session = registry.insert(snapshot(Role::Inbound)).await.unwrap();
     let found = registry.find(&session.pair_id).await.unwrap().expect("live session");
     assert_eq!(found.client_id, session.client_id);
+}
+
+/// Runs `work` with a clone of `session` on `threads` new arbiters at once and returns what each
+/// returned. The handles serve sequence numbers on those threads, not on the session's own.
+async fn on_threads<T, F, Fut>(session: &SessionHandle, threads: usize, work: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(SessionHandle, usize) -> Fut + Send + Clone + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let mut receivers = Vec::new();
+    let mut arbiters = Vec::new();
+    for index in 0..threads {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let arbiter = actix::Arbiter::new();
+        let (session, work) = (session.clone(), work.clone());
+        arbiter.spawn_fn(move || {
+            actix::spawn(async move {
+                let _ = sender.send(work(session, index).await);
+            });
+        });
+        receivers.push(receiver);
+        arbiters.push(arbiter);
+    }
+    let mut results = Vec::new();
+    for receiver in receivers {
+        results.push(receiver.await.expect("arbiter finished its work"));
+    }
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    results
+}
+
+#[actix::test]
+async fn handles_on_several_threads_never_share_a_seq() {
+    let registry = registry(limits());
+    let session = registry.insert(snapshot(Role::Outbound)).await.unwrap();
+    let per_thread = on_threads(&session, 3, |session, _| async move {
+        let mut seqs = Vec::new();
+        for _ in 0..300 {
+            seqs.push(session.allocate_seq().await.unwrap().unwrap().seq);
+        }
+        seqs
+    })
+    .await;
+    for seqs in &per_thread {
+        assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "one thread got numbers out of order");
+    }
+    let mut all: Vec<u64> = per_thread.into_iter().flatten().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=900).collect::<Vec<u64>>(), "numbers repeated or skipped");
+}
+
+#[actix::test]
+async fn each_seq_is_accepted_once_across_threads() {
+    let registry = registry(limits());
+    let session = registry.insert(snapshot(Role::Inbound)).await.unwrap();
+    // Both threads offer every number, so each number is offered twice at about the same time.
+    let per_thread = on_threads(&session, 2, |session, _| async move {
+        let mut accepted = Vec::new();
+        for seq in 1..=500u64 {
+            match session.accept_seq(seq).await.unwrap() {
+                Ok(exchange) => accepted.push(exchange.seq),
+                Err(error) => assert_eq!(error, SessionError::Replay(ProtocolError::Replayed { seq })),
+            }
+        }
+        accepted
+    })
+    .await;
+    let mut all: Vec<u64> = per_thread.into_iter().flatten().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=500).collect::<Vec<u64>>(), "a number was accepted twice or never");
+}
+
+#[actix::test]
+async fn handle_stops_the_session_at_its_exchange_limit() {
+    let registry = registry(SessionLimits { max_exchanges: 3, ..limits() });
+    let session = registry.insert(snapshot(Role::Inbound)).await.unwrap();
+    for seq in 1..=3 {
+        session.accept_seq(seq).await.unwrap().unwrap();
+    }
+    let fourth = session.accept_seq(4).await.unwrap();
+    assert_eq!(fourth.unwrap_err(), SessionError::Expired);
+    assert!(registry.find(&session.pair_id).await.unwrap().is_none(), "expired pair still registered");
+    // The stopped session accepts nothing more, whether or not its actor still answers.
+    assert!(!matches!(session.accept_seq(5).await, Ok(Ok(_))), "a stopped session accepted a seq");
 }

@@ -13,7 +13,7 @@ mod proxy;
 pub mod upstream;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use api_relay_actors::{AcceptSeq, SessionError, SessionHandle};
+use api_relay_actors::{SessionError, SessionHandle};
 use api_relay_protocol::records::RecordOpener;
 use api_relay_protocol::seal::ItemCipher;
 use api_relay_protocol::{Direction, EncodeType, ExchangeContext, RelayHeader};
@@ -206,7 +206,7 @@ async fn open_body(
 }
 
 async fn accept(session: &SessionHandle, seq: u64) -> Result<(), RelayError> {
-    match session.addr.send(AcceptSeq { seq }).await {
+    match session.accept_seq(seq).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(SessionError::Replay(error))) => Err(error.into()),
         Ok(Err(SessionError::Expired)) => {

@@ -13,7 +13,7 @@ pub mod pool;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use api_relay_actors::{AllocateSeq, SessionError};
+use api_relay_actors::SessionError;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
@@ -83,7 +83,7 @@ async fn relay_exchange(
     let mut sent = 0;
     for _ in 0..MAX_PAIR_ATTEMPTS {
         let lease = state.pool.acquire(origin, &clients.peer, &state.metrics).await?;
-        let exchange = match lease.session.addr.send(AllocateSeq).await {
+        let exchange = match lease.session.allocate_seq().await {
             Ok(Ok(exchange)) => exchange,
             Ok(Err(SessionError::Expired)) | Ok(Err(SessionError::Replay(_))) | Err(_) => {
                 state.pool.discard(origin, &lease, false);
