@@ -17,6 +17,7 @@ use api_relay_protocol::{ClientIdSigner, PairId, PairKeys, ProtocolError};
 use bb8_redis::redis;
 use futures_util::future::join_all;
 use support::redis_server::RedisServer;
+use support::threads::on_threads;
 
 /// Bound on every store call in these tests.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -680,4 +681,40 @@ async fn supervisor_gives_up_restarts_and_recovers() {
     server.restart();
     wait_for("recovery", &|| health.recoveries() >= 1 && health.is_reachable()).await;
     assert!(health.pings_failed() >= 5, "{} failed pings", health.pings_failed());
+}
+
+#[actix::test]
+async fn checks_from_several_threads_accept_each_seq_once() {
+    let server = RedisServer::start();
+    let registry = SessionRegistry::new(store(&server), limits());
+    let pair = registry.insert(snapshot(Role::Inbound)).await.unwrap();
+    let before = script_calls(&server).await;
+
+    // Three threads offer every number at once, so the check task of one thread also replies to
+    // numbers that the others queued.
+    let checks = on_threads(&pair, 3, |session, index| async move {
+        let replies = join_all((1..=300u64).map(|seq| session.accept_seq(seq))).await;
+        // Once those have their replies and no check runs, a new number starts a new check task.
+        let own = 1000 + index as u64;
+        let later = session.accept_seq(own).await.expect("session stopped");
+        assert_eq!(later.expect("a later number was rejected").seq, own);
+        let mut accepted = Vec::new();
+        for (seq, reply) in (1..=300u64).zip(replies) {
+            match reply.expect("session stopped") {
+                Ok(exchange) => accepted.push(exchange.seq),
+                Err(error) => assert_eq!(error, SessionError::Replay(ProtocolError::Replayed { seq })),
+            }
+        }
+        accepted
+    });
+    // A number that waits for a check task that never comes fails the test instead of hanging it.
+    let per_thread = tokio::time::timeout(Duration::from_secs(30), checks)
+        .await
+        .expect("replay checks timed out after 30 s");
+    let calls = script_calls(&server).await - before;
+
+    let mut all: Vec<u64> = per_thread.into_iter().flatten().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=300).collect::<Vec<u64>>(), "a number was accepted twice or never");
+    assert!(calls < 100, "900 checks took {calls} script calls; they were not batched");
 }

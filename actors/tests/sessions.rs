@@ -1,13 +1,15 @@
 //! Behaviour of `PeerSession` and `SessionRegistry` on a real actix system.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use api_relay_actors::{
-    AcceptSeq, AllocateSeq, MemoryStore, PairSnapshot, Role, SessionError, SessionHandle, SessionLimits,
-    SessionRegistry,
+    AcceptSeq, AllocateSeq, MemoryStore, PairSnapshot, Role, SessionError, SessionLimits, SessionRegistry,
 };
 use api_relay_protocol::{ClientIdSigner, PairId, PairKeys, ProtocolError};
+use support::threads::on_threads;
 
 fn limits() -> SessionLimits {
     SessionLimits {
@@ -100,38 +102,6 @@ async fn memory_registry_finds_only_live_sessions() {
     let session = registry.insert(snapshot(Role::Inbound)).await.unwrap();
     let found = registry.find(&session.pair_id).await.unwrap().expect("live session");
     assert_eq!(found.client_id, session.client_id);
-}
-
-/// Runs `work` with a clone of `session` on `threads` new arbiters at once and returns what each
-/// returned. The handles serve sequence numbers on those threads, not on the session's own.
-async fn on_threads<T, F, Fut>(session: &SessionHandle, threads: usize, work: F) -> Vec<T>
-where
-    T: Send + 'static,
-    F: Fn(SessionHandle, usize) -> Fut + Send + Clone + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-{
-    let mut receivers = Vec::new();
-    let mut arbiters = Vec::new();
-    for index in 0..threads {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let arbiter = actix::Arbiter::new();
-        let (session, work) = (session.clone(), work.clone());
-        arbiter.spawn_fn(move || {
-            actix::spawn(async move {
-                let _ = sender.send(work(session, index).await);
-            });
-        });
-        receivers.push(receiver);
-        arbiters.push(arbiter);
-    }
-    let mut results = Vec::new();
-    for receiver in receivers {
-        results.push(receiver.await.expect("arbiter finished its work"));
-    }
-    for arbiter in arbiters {
-        arbiter.stop();
-    }
-    results
 }
 
 #[actix::test]
