@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use actix_web::HttpMessage;
 use actix_web::HttpRequest;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -291,7 +290,7 @@ impl RelayMetrics {
 
     /// Marks the request with its role, for the request log and the request counters.
     pub fn role(&self, request: &HttpRequest, role: Role) {
-        request.extensions_mut().insert(role);
+        crate::telemetry::mark_role(request, role);
     }
 
     pub fn request_done(&self, role: Role, status: u16, elapsed: Duration) {

@@ -17,6 +17,7 @@ use std::time::Instant;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{Error, HttpMessage};
+use api_relay_protocol::ShortPairId;
 use tracing::Span;
 use tracing_actix_web::{RequestId, RootSpanBuilder};
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -87,8 +88,30 @@ fn write_json_record(record: &json::RequestRecord<'_>) -> bool {
     })
 }
 
-/// Start time of a request, kept in its extensions.
-struct Started(Instant);
+/// State of a request that its record and counters read, kept in its extensions as one entry
+/// from the start of the request, because each entry is a heap allocation.
+#[derive(Default)]
+struct RequestState {
+    started: Option<Instant>,
+    /// The role the handler marked. A request no handler marked counts as `local`.
+    role: Option<Role>,
+    /// A relayed exchange, served by the catch-all route of its role.
+    relayed: bool,
+    fields: ExchangeFields,
+}
+
+/// Applies `update` to the state of `request`, which it adds first when the request has none.
+fn update_state(request: &impl HttpMessage, update: impl FnOnce(&mut RequestState)) {
+    let mut extensions = request.extensions_mut();
+    match extensions.get_mut::<RequestState>() {
+        Some(state) => update(state),
+        None => {
+            let mut state = RequestState::default();
+            update(&mut state);
+            extensions.insert(state);
+        }
+    }
+}
 
 /// Exchange details the handlers add to the request record: none of them is secret.
 #[derive(Debug, Default, Clone)]
@@ -96,28 +119,25 @@ pub struct ExchangeFields {
     /// Relay A: the peer relay's origin. Relay B: relay A's address.
     pub peer: Option<String>,
     /// First 8 hex digits of the pair id.
-    pub pair: Option<String>,
+    pub pair: Option<ShortPairId>,
     /// Status the upstream API returned.
     pub upstream_status: Option<u16>,
 }
 
-/// Marker of a relayed exchange: its record's route is `*`.
-struct Relayed;
-
-/// Marks `request` as a relayed exchange, served by the catch-all route of its role.
+/// Marks `request` as a relayed exchange, served by the catch-all route of its role: its
+/// record's route is `*`.
 pub fn relayed(request: &actix_web::HttpRequest) {
-    request.extensions_mut().insert(Relayed);
+    update_state(request, |state| state.relayed = true);
+}
+
+/// Marks `request` with its role, for the request record and the request counters.
+pub fn mark_role(request: &actix_web::HttpRequest, role: Role) {
+    update_state(request, |state| state.role = Some(role));
 }
 
 /// Updates the exchange details of `request`'s record.
 pub fn note(request: &actix_web::HttpRequest, update: impl FnOnce(&mut ExchangeFields)) {
-    let mut extensions = request.extensions_mut();
-    if extensions.get::<ExchangeFields>().is_none() {
-        extensions.insert(ExchangeFields::default());
-    }
-    if let Some(fields) = extensions.get_mut::<ExchangeFields>() {
-        update(fields);
-    }
+    update_state(request, |state| update(&mut state.fields));
 }
 
 /// The per-request span and record.
@@ -125,7 +145,8 @@ pub struct RequestLog;
 
 impl RootSpanBuilder for RequestLog {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        request.extensions_mut().insert(Started(Instant::now()));
+        let now = Instant::now();
+        update_state(request, |state| state.started = Some(now));
         // The record at the end carries every field itself. A span costs work on each poll of
         // the request, so it exists only where debug records need it for context.
         if !tracing::enabled!(tracing::Level::DEBUG) {
@@ -139,8 +160,10 @@ impl RootSpanBuilder for RequestLog {
         let Ok(response) = outcome else { return };
         let request = response.request();
         let extensions = request.extensions();
-        let role = extensions.get::<Role>().copied().unwrap_or(Role::Local);
-        let elapsed = extensions.get::<Started>().map(|started| started.0.elapsed()).unwrap_or_default();
+        let state = extensions.get::<RequestState>();
+        let role = state.and_then(|state| state.role).unwrap_or(Role::Local);
+        let elapsed =
+            state.and_then(|state| state.started).map(|started| started.elapsed()).unwrap_or_default();
         let status = response.status().as_u16();
         if let Some(state) = request.app_data::<actix_web::web::Data<RelayState>>() {
             state.metrics.request_done(role, status, elapsed);
@@ -150,14 +173,15 @@ impl RootSpanBuilder for RequestLog {
         }
         // Relayed exchanges and the 569 fallback match any path: their route is `*`. Finding
         // the pattern walks the route table, so the exchange handlers mark their requests.
-        let pattern = if extensions.contains::<Relayed>() { None } else { request.match_pattern() };
+        let relayed = state.is_some_and(|state| state.relayed);
+        let pattern = if relayed { None } else { request.match_pattern() };
         let route = pattern.as_deref().unwrap_or("*");
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = match extensions.get::<RequestId>() {
             Some(id) => &*id.hyphenated().encode_lower(&mut id_text),
             None => "",
         };
-        let exchange = extensions.get::<ExchangeFields>();
+        let exchange = state.map(|state| &state.fields);
         let record = json::RequestRecord {
             method: request.method().as_str(),
             route,
@@ -166,7 +190,7 @@ impl RootSpanBuilder for RequestLog {
             role: role.as_str(),
             request_id,
             peer: exchange.and_then(|fields| fields.peer.as_deref()).unwrap_or(""),
-            pair: exchange.and_then(|fields| fields.pair.as_deref()).unwrap_or(""),
+            pair: exchange.and_then(|fields| fields.pair.as_ref()).map_or("", ShortPairId::as_str),
             upstream_status: exchange.and_then(|fields| fields.upstream_status).unwrap_or(0),
         };
         // Without a span, tracing would add nothing to the JSON record, so the record skips

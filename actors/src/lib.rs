@@ -37,7 +37,7 @@ pub mod supervisor;
 pub mod workers;
 
 pub use redis_store::{RedisSettings, RedisStore};
-pub use registry::{SessionHandle, SessionRegistry};
+pub use registry::{SessionHandle, SessionParts, SessionRegistry};
 pub use session::{
     AcceptSeq, AllocateSeq, Exchange, PeerSession, Retire, SEQ_BLOCK, SeqReply, SessionError, SessionLimits,
 };

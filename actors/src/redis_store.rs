@@ -345,7 +345,7 @@ pub fn read_record(
     role: Role,
     fields: &HashMap<String, Vec<u8>>,
 ) -> Result<PairSnapshot, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { pair: pair_id.short(), reason };
+    let corrupt = |reason: String| StoreError::Corrupt { pair: pair_id.short().to_string(), reason };
     let text = |name: &str| {
         let value = fields.get(name).ok_or_else(|| corrupt(format!("field {name} missing")))?;
         std::str::from_utf8(value).map_err(|_| corrupt(format!("field {name} is not text")))
@@ -443,7 +443,7 @@ impl StateStore for RedisStore {
             self.bounded("save_pair", async |connection| invocation.invoke_async(connection).await).await?;
         match created {
             1 => Ok(()),
-            _ => Err(StoreError::PairExists { pair: snapshot.pair_id.short() }),
+            _ => Err(StoreError::PairExists { pair: snapshot.pair_id.short().to_string() }),
         }
     }
 

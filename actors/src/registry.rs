@@ -20,9 +20,15 @@ use crate::{
 };
 
 /// A live session as the request path uses it: the actor, its counters, and the immutable parts
-/// of the pair so a handler can open items before it asks for the `seq`.
+/// of the pair so a handler can open items before it requests the `seq`. Every exchange takes a
+/// copy, so a copy is one reference count, shared by all copies.
 #[derive(Clone)]
 pub struct SessionHandle {
+    parts: Arc<SessionParts>,
+}
+
+/// Parts of a session that all copies of its [`SessionHandle`] share.
+pub struct SessionParts {
     pub addr: Addr<PeerSession>,
     core: Arc<SessionCore>,
     pub pair_id: PairId,
@@ -34,6 +40,14 @@ pub struct SessionHandle {
     /// Number of this session among all sessions the registry started, so a stopping session
     /// removes its own entry and never a newer session of the same pair.
     pub(crate) serial: u64,
+}
+
+impl std::ops::Deref for SessionHandle {
+    type Target = SessionParts;
+
+    fn deref(&self) -> &SessionParts {
+        &self.parts
+    }
 }
 
 impl SessionHandle {
@@ -216,7 +230,9 @@ impl SessionRegistry {
             Some((index, arbiter)) => (PeerSession::start_in_arbiter(&arbiter, |_| session), Some(index)),
             None => (session.start(), Workers::current()),
         };
-        let handle = SessionHandle { addr, core, pair_id, client_id, keys, role, worker, serial };
+        let handle = SessionHandle {
+            parts: Arc::new(SessionParts { addr, core, pair_id, client_id, keys, role, worker, serial }),
+        };
         sessions.insert(key, handle.clone());
         handle
     }

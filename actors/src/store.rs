@@ -204,7 +204,7 @@ impl StateStore for MemoryStore {
         let mut state = self.state();
         let key = (snapshot.pair_id, snapshot.role);
         if state.pairs.contains_key(&key) {
-            return Err(StoreError::PairExists { pair: snapshot.pair_id.short() });
+            return Err(StoreError::PairExists { pair: snapshot.pair_id.short().to_string() });
         }
         let window = snapshot.window.clone().unwrap_or_else(|| ReplayWindow::new(64));
         let pair = MemoryPair { snapshot: snapshot.clone(), reserved: snapshot.next_seq - 1, window };

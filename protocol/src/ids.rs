@@ -51,8 +51,35 @@ impl PairId {
     }
 
     /// First 8 hex digits, enough to follow one pair through logs without printing the whole id.
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..4])
+    pub fn short(&self) -> ShortPairId {
+        let mut digits = [0u8; 8];
+        // Eight digits for four bytes always fit, so the error branch is unreachable.
+        let _ = hex::encode_to_slice(&self.0[..4], &mut digits);
+        ShortPairId(digits)
+    }
+}
+
+/// The first 8 hex digits of a [`PairId`], held inline so that an exchange's log record names its
+/// pair without a heap allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ShortPairId([u8; 8]);
+
+impl ShortPairId {
+    pub fn as_str(&self) -> &str {
+        // Hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ShortPairId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ShortPairId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -34,7 +34,7 @@ pub mod replay;
 pub mod seal;
 
 pub use error::ProtocolError;
-pub use ids::{ClientId, ClientIdSigner, PairId};
+pub use ids::{ClientId, ClientIdSigner, PairId, ShortPairId};
 pub use keys::{Direction, ExchangeKey, PairKeys};
 pub use relay_header::{EncodeType, RelayHeader};
 pub use seal::ExchangeContext;

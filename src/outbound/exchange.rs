@@ -109,7 +109,24 @@ impl SealedRequest {
     pub fn plain_parts(request: &HttpRequest, limits: FieldLimits) -> Result<PlainParts, RelayError> {
         let mut fields = headers::end_to_end(request.headers());
         let client_ip = request.peer_addr().map(|address| headers::ip_text(address.ip()));
-        headers::add_forwarded(&mut fields, client_ip, request.connection_info().scheme());
+        // The scheme the application used. `connection_info` takes it from `Forwarded` or
+        // `X-Forwarded-Proto` first and makes five heap allocations, so it runs only when the
+        // request carries one of them. Otherwise the scheme comes from the request line or from
+        // the listener, in `connection_info`'s order.
+        let forwarded = request.headers();
+        let info;
+        let scheme =
+            if forwarded.contains_key(header::FORWARDED) || forwarded.contains_key("x-forwarded-proto") {
+                info = request.connection_info();
+                info.scheme()
+            } else if let Some(scheme) = request.uri().scheme_str() {
+                scheme
+            } else if request.app_config().secure() {
+                "https"
+            } else {
+                "http"
+            };
+        headers::add_forwarded(&mut fields, client_ip, scheme);
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
         let method = request.method().clone();
         let block =
