@@ -63,37 +63,42 @@ const HOP_BY_HOP: [&str; 8] = [
 pub type Line<'a> = (&'a [u8], Cow<'a, [u8]>);
 
 /// Whether the lowercase `name` must not be forwarded, given the names `Connection` lists.
-fn is_dropped(name: &[u8], connection_listed: &[String]) -> bool {
+fn is_dropped(name: &[u8], connection_listed: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|dropped| dropped.as_bytes() == name)
         || name.starts_with(b"proxy-")
         || name.starts_with(CONTROL_PREFIX.as_bytes())
         || name == b"host"
-        || connection_listed.iter().any(|listed| listed.as_bytes() == name)
+        || connection_listed.iter().any(|listed| listed.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// The end-to-end headers of `headers`, in the order the map keeps: repeated names stay in
 /// their received order.
 pub fn end_to_end(headers: &HeaderMap) -> Vec<Line<'_>> {
-    end_to_end_pairs(headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())))
+    end_to_end_pairs(|| headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())))
 }
 
-/// Returns the end-to-end headers among (name, value) pairs of a parsed header map, in the given
-/// order. The map has already checked the names and made them lowercase.
-pub fn end_to_end_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Line<'a>> {
-    let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
-    let listed: Vec<String> = pairs
-        .iter()
+/// Returns the end-to-end headers among the (name, value) pairs of a parsed header map, which
+/// `pairs` iterates over afresh on each call, in their order. The map has already checked the
+/// names and made them lowercase.
+pub fn end_to_end_pairs<'a, I>(pairs: impl Fn() -> I) -> Vec<Line<'a>>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
+    let listed: Vec<&str> = pairs()
         .filter(|(name, _)| *name == b"connection")
         .filter_map(|(_, value)| std::str::from_utf8(value).ok())
         .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|token| !token.is_empty())
         .collect();
-    pairs
-        .into_iter()
-        .filter(|(name, _)| !is_dropped(name, &listed))
-        .map(|(name, value)| (name, Cow::Borrowed(value)))
-        .collect()
+    // Sized once for every pair, so the lines are one allocation.
+    let mut lines = Vec::with_capacity(pairs().count());
+    lines.extend(
+        pairs()
+            .filter(|(name, _)| !is_dropped(name, &listed))
+            .map(|(name, value)| (name, Cow::Borrowed(value))),
+    );
+    lines
 }
 
 /// Formats an IP address the way `Display` does. IPv4 addresses, the common case, are written

@@ -100,10 +100,16 @@ impl RelayHeader {
     pub fn parse(value: &[u8]) -> Result<Self, ProtocolError> {
         let malformed = |reason| ProtocolError::MalformedRelayHeader { reason };
         let text = std::str::from_utf8(value).map_err(|_| malformed("not ascii"))?;
-        let fields: Vec<&str> = text.split(',').map(str::trim).collect();
-        let [client_id, pair_id, encode_type, url, headers, body, seq, version] = fields[..] else {
-            return Err(malformed("expected 8 comma-separated fields"));
-        };
+        let count_error = || malformed("expected 8 comma-separated fields");
+        let mut parts = text.split(',').map(str::trim);
+        let mut fields = [""; 8];
+        for field in &mut fields {
+            *field = parts.next().ok_or_else(count_error)?;
+        }
+        if parts.next().is_some() {
+            return Err(count_error());
+        }
+        let [client_id, pair_id, encode_type, url, headers, body, seq, version] = fields;
         let version: u64 = version.parse().map_err(|_| malformed("version must be a number"))?;
         if version != u64::from(PROTOCOL_VERSION) {
             return Err(ProtocolError::UnsupportedVersion { found: version, expected: PROTOCOL_VERSION });

@@ -80,7 +80,7 @@ async fn seal_response(
     seal_headers: bool,
     state: &RelayState,
 ) -> Result<HttpResponse, RelayError> {
-    let pairs = response.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+    let pairs = || response.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
     let fields = headers::end_to_end_pairs(pairs);
     let block =
         headers::encode_limited(PSEUDO_STATUS, response.status.as_str(), &fields, state.field_limits())
