@@ -174,8 +174,8 @@ pub(crate) enum Acceptance {
 }
 
 impl SessionCore {
-    fn new(snapshot: &mut PairSnapshot, limits: SessionLimits, store: Arc<dyn StateStore>) -> Self {
-        let window = snapshot.window.take();
+    fn new(snapshot: PairSnapshot, limits: SessionLimits, store: Arc<dyn StateStore>) -> Self {
+        let window = snapshot.window;
         let window_size = window.as_ref().map_or(DEFAULT_WINDOW, ReplayWindow::size);
         let counters = Counters {
             stopped: false,
@@ -190,8 +190,8 @@ impl SessionCore {
         };
         Self {
             pair_id: snapshot.pair_id,
-            client_id: snapshot.client_id.clone(),
-            keys: Arc::clone(&snapshot.keys),
+            client_id: snapshot.client_id,
+            keys: snapshot.keys,
             role: snapshot.role,
             created_at: snapshot.created_at,
             limits,
@@ -207,14 +207,6 @@ impl SessionCore {
         match self.allocate() {
             Allocation::Ready(exchange) => Some(exchange),
             Allocation::Stopped | Allocation::Expire | Allocation::Reserve => None,
-        }
-    }
-
-    /// Relay B: the outcome of checking `seq`, when the lock alone can decide it.
-    pub fn try_accept(&self, seq: u64) -> Option<Reply> {
-        match self.accept(seq) {
-            Acceptance::Ready(reply) => Some(reply),
-            Acceptance::Stopped | Acceptance::Expire | Acceptance::Check => None,
         }
     }
 
@@ -291,8 +283,8 @@ impl SessionCore {
     /// Relay B with a shared store: queues `seq` for the store's atomic replay check, whose
     /// outcome goes to `sender`. Unless a check task runs, one starts on the calling thread. It
     /// checks the waiting numbers in batches until none is left, so the store call and the
-    /// replies stay on the thread of the exchange that started it. `session` is told when the
-    /// pair must leave memory.
+    /// replies stay on the thread of the exchange that started it. `session` receives `Retire`
+    /// when the pair must leave memory.
     pub(crate) fn queue_check(
         self: &Arc<Self>,
         seq: u64,
@@ -389,13 +381,20 @@ impl SessionCore {
     /// Marks the session stopped and replies to every waiting caller, because no check will run
     /// for them.
     fn stop(&self) {
+        self.fail_waiting(|counters| counters.stopped = true, || Err(SessionError::Expired));
+    }
+
+    /// Applies `mark` to the counters and sends `reply()` to every number waiting for a check,
+    /// under one lock, so no number can queue in between.
+    fn fail_waiting(&self, mark: impl FnOnce(&mut Counters), reply: impl Fn() -> Reply) {
         let waiting = {
             let mut counters = self.lock();
-            counters.stopped = true;
+            mark(&mut counters);
             std::mem::take(&mut counters.waiting)
         };
         for (_, sender) in waiting {
-            let _ = sender.send(Err(SessionError::Expired));
+            // A caller that stopped waiting drops the reply.
+            let _ = sender.send(reply());
         }
     }
 
@@ -440,21 +439,16 @@ impl Drop for CheckTask {
         if self.done {
             return;
         }
-        let waiting = {
-            let mut counters = self.core.lock();
-            counters.checking = false;
-            std::mem::take(&mut counters.waiting)
-        };
-        for (_, sender) in waiting {
-            let _ = sender
-                .send(Err(SessionError::Store("replay check task stopped before it finished".to_owned())));
-        }
+        let reason = "replay check task stopped before it finished";
+        self.core.fail_waiting(
+            |counters| counters.checking = false,
+            || Err(SessionError::Store(reason.to_owned())),
+        );
     }
 }
 
 /// The actor owning one pair.
 pub struct PeerSession {
-    snapshot: PairSnapshot,
     core: Arc<SessionCore>,
     registry: SessionRegistry,
     serial: u64,
@@ -466,14 +460,14 @@ type Reply = Result<Exchange, SessionError>;
 
 impl PeerSession {
     pub fn new(
-        mut snapshot: PairSnapshot,
+        snapshot: PairSnapshot,
         limits: SessionLimits,
         registry: SessionRegistry,
         serial: u64,
     ) -> Self {
         let store = Arc::clone(registry.store());
-        let core = Arc::new(SessionCore::new(&mut snapshot, limits, store));
-        Self { snapshot, core, registry, serial, refreshed: Instant::now() }
+        let core = Arc::new(SessionCore::new(snapshot, limits, store));
+        Self { core, registry, serial, refreshed: Instant::now() }
     }
 
     /// Returns the counters this session shares with the handles of its callers.
@@ -483,9 +477,9 @@ impl PeerSession {
 
     /// Stops the session and removes the pair from memory and from the store.
     fn expire(&mut self, ctx: &mut Context<Self>) {
-        tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair expired");
+        tracing::debug!(pair = %self.core.pair_id.short(), role = self.core.role.as_str(), "pair expired");
         self.stop(ctx);
-        self.registry.forget(self.snapshot.pair_id, self.snapshot.role, self.serial);
+        self.registry.forget(self.core.pair_id, self.core.role, self.serial);
     }
 
     /// Stops a session this process no longer uses: with a shared store other processes may
@@ -500,9 +494,9 @@ impl PeerSession {
 
     /// Stops the session and removes it from this process's memory only.
     fn evict(&mut self, ctx: &mut Context<Self>) {
-        tracing::debug!(pair = %self.snapshot.pair_id.short(), role = self.snapshot.role.as_str(), "pair left memory");
+        tracing::debug!(pair = %self.core.pair_id.short(), role = self.core.role.as_str(), "pair left memory");
         self.stop(ctx);
-        self.registry.evict(self.snapshot.pair_id, self.snapshot.role, self.serial);
+        self.registry.evict(self.core.pair_id, self.core.role, self.serial);
     }
 
     /// Marks the core stopped, so callers come to the actor and find it gone, replies to every
@@ -515,10 +509,10 @@ impl PeerSession {
     /// Relay A with a shared store: sets the pair's lifetime in the store again after use, so
     /// that the pair stays stored while this process uses numbers of a reserved block.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        let Some(ttl) = self.core.limits.store_ttl(self.snapshot.created_at) else { return };
+        let Some(ttl) = self.core.limits.store_ttl(self.core.created_at) else { return };
         self.refreshed = Instant::now();
         let store = Arc::clone(self.registry.store());
-        let pair_id = self.snapshot.pair_id;
+        let pair_id = self.core.pair_id;
         let touch = async move { store.touch_pair(&pair_id, Role::Outbound, ttl).await };
         ctx.spawn(touch.into_actor(self).map(move |result, _, _| match result {
             Ok(true) => {}
@@ -534,6 +528,7 @@ impl PeerSession {
         match allocation {
             Allocation::Ready(exchange) => Ok(exchange),
             Allocation::Stopped => Err(SessionError::Expired),
+            // `allocate_from` never returns `Reserve`, so this arm only stops an expired pair.
             Allocation::Expire | Allocation::Reserve => {
                 self.expire(ctx);
                 Err(SessionError::Expired)
@@ -543,12 +538,12 @@ impl PeerSession {
 
     /// Relay A with a shared store: reserves the next block and hands out its first number.
     fn reserve_block(&mut self, ctx: &mut Context<Self>) -> SeqReply {
-        let Some(ttl) = self.core.limits.store_ttl(self.snapshot.created_at) else {
+        let Some(ttl) = self.core.limits.store_ttl(self.core.created_at) else {
             self.expire(ctx);
             return SeqReply::Now(Err(SessionError::Expired));
         };
         let store = Arc::clone(self.registry.store());
-        let pair_id = self.snapshot.pair_id;
+        let pair_id = self.core.pair_id;
         let reserve = async move { store.reserve_seqs(&pair_id, SEQ_BLOCK, ttl).await };
         let handled = reserve.into_actor(self).map(|result, session, ctx| match result {
             Ok(Some(block)) => {
