@@ -15,12 +15,12 @@
 //! - [`snapshot`]: `PairSnapshot`, the serialisable copy of a session the store keeps.
 //! - [`workers`]: `Workers`, the HTTP worker threads sessions are placed on.
 //!
-//! Request path: an HTTP handler asks the registry for the pair's session and calls
+//! Request path: an HTTP handler looks up the pair's session in the registry and calls
 //! `allocate_seq` or `accept_seq` on its handle, which returns the `seq` and the pair keys. With
 //! the in-memory store that takes the session's lock on the handler's thread. With a shared
-//! store, relay A's handle hands out numbers of a block reserved in the store, and asks the actor
-//! (`AllocateSeq`) for the next block; relay B's handle queues the number for the store's atomic
-//! replay check, which a task on a handler's thread runs in batches. A pair that reached a limit
+//! store, relay A's handle hands out numbers of a block reserved in the store, and sends the
+//! actor `AllocateSeq` for the next block. Relay B's handle queues the number for the store's
+//! atomic replay check, which a task on a handler's thread runs in batches. A pair that reached a limit
 //! goes to the actor, which stops it. The handler then does all sealing and I/O itself, so one
 //! busy pair never makes another wait.
 #![forbid(unsafe_code)]

@@ -236,7 +236,7 @@ async fn sessions_of_two_processes_never_share_a_seq() {
     let pair = first.insert(snapshot(Role::Outbound)).await.unwrap();
     let loaded = second.find_as(&pair.pair_id, Role::Outbound).await.unwrap().expect("pair not loaded");
 
-    // Through the handles, as the relay asks: most numbers come from a reserved block under the
+    // Through the handles, as the relay calls them: most numbers come from a reserved block under the
     // session's lock, and every 64th reserves the next block through the actor.
     let requests = (0..300).flat_map(|_| [pair.allocate_seq(), loaded.allocate_seq()]);
     let replies = join_all(requests).await;
@@ -300,7 +300,7 @@ async fn inbound_sessions_of_two_processes_accept_each_seq_once() {
     let pair = first.insert(snapshot(Role::Inbound)).await.unwrap();
     let loaded = second.find(&pair.pair_id).await.unwrap().expect("pair not loaded");
 
-    // Through the handles, as the relay asks: each process runs its checks in a task of its own.
+    // Through the handles, as the relay calls them: each process runs its checks in a task of its own.
     let requests = (1..=200u64).flat_map(|seq| [pair.accept_seq(seq), loaded.accept_seq(seq)]);
     let replies = join_all(requests).await;
 

@@ -155,6 +155,6 @@ async fn handle_stops_the_session_at_its_exchange_limit() {
     let fourth = session.accept_seq(4).await.unwrap();
     assert_eq!(fourth.unwrap_err(), SessionError::Expired);
     assert!(registry.find(&session.pair_id).await.unwrap().is_none(), "expired pair still registered");
-    // The stopped session accepts nothing more, whether or not its actor still answers.
+    // The stopped session accepts nothing more, whether or not its actor still runs.
     assert!(!matches!(session.accept_seq(5).await, Ok(Ok(_))), "a stopped session accepted a seq");
 }
