@@ -13,12 +13,19 @@
 //! seals with `HKDF-Expand(direction key, "mke" or "mte" || seq as 8 bytes big-endian, 32)`, so
 //! every exchange has a fresh key and one key never protects more than one exchange.
 
-use aes_gcm::{Aes256Gcm, KeyInit};
+use aes_gcm::aes::Aes256Enc;
+use aes_gcm::aes::cipher::consts::U12;
+use aes_gcm::{AesGcm, KeyInit};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::{EncodeType, PairId, ProtocolError};
+
+/// AES-256-GCM on the encryption half of the AES key schedule. GCM runs AES only forwards (counter
+/// mode and the tag mask), so the inverse round keys that `Aes256Gcm` also expands would go
+/// unused: built for every exchange key, they cost time and 240 bytes in every copy of a cipher.
+pub(crate) type ExchangeAead = AesGcm<Aes256Enc, U12>;
 
 /// Bytes of an AES-256-GCM key.
 pub const KEY_LEN: usize = 32;
@@ -125,7 +132,7 @@ impl PairKeys {
         info[3..].copy_from_slice(&seq.to_be_bytes());
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         base.expander.expand(&info, key.as_mut()).expect("okm length within hkdf limit");
-        let cipher = Aes256Gcm::new_from_slice(key.as_ref()).expect("key is 32 bytes");
+        let cipher = ExchangeAead::new_from_slice(key.as_ref()).expect("key is 32 bytes");
         ExchangeKey { cipher, iv: base.iv, seq }
     }
 
@@ -163,7 +170,7 @@ impl PairKeys {
 /// item nonces are built from.
 #[derive(Clone)]
 pub struct ExchangeKey {
-    pub(crate) cipher: Aes256Gcm,
+    pub(crate) cipher: ExchangeAead,
     pub(crate) iv: [u8; IV_LEN],
     pub(crate) seq: u64,
 }
