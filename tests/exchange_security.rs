@@ -305,8 +305,8 @@ async fn request_without_relay_headers_gets_569() {
 
 #[tokio::test]
 async fn unreachable_upstream_gets_502_without_address() {
-    // Nothing listens on this port once the probe listener is closed.
-    let closed_address = format!("127.0.0.1:{}", common::free_port());
+    let closed = common::ClosedPort::reserve();
+    let closed_address = closed.address();
     let pair = RelayPair::start(&format!("http://{closed_address}"), &[]);
 
     let response = outbound(&client(), &pair.a.url(), &pair.b.url(), Method::GET, "/echo")

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use api_relay::config::{Config, DEFAULT_KEEP_ALIVE_SECS, Sources};
 use common::upstream::{BINARY_HEADER_VALUE, CLOSE_BODY, GZIP_BODY, HEAD_CONTENT_LENGTH};
 use common::{
-    CLIENT_ID_SECRET_VALUE, OUTBOUND_TOKEN_VALUE, RawResponse, RecordedRequest, RelayPair, TcpRecorder,
-    Upstream, assert_bytes_eq, assert_contains_none, free_port, parse_head_response, pattern_bytes,
+    CLIENT_ID_SECRET_VALUE, ClosedPort, OUTBOUND_TOKEN_VALUE, RawResponse, RecordedRequest, RelayPair,
+    TcpRecorder, Upstream, assert_bytes_eq, assert_contains_none, parse_head_response, pattern_bytes,
     sha256_hex,
 };
 
@@ -1012,10 +1012,9 @@ async fn upstream_error_statuses_pass_through() {
 
 #[test]
 fn refused_upstream_is_502() {
-    let closed_port = free_port();
-    let upstream_url = format!("http://127.0.0.1:{closed_port}");
-    let pair = RelayPair::start(&upstream_url, &[]);
-    let upstream_address = format!("127.0.0.1:{closed_port}");
+    let closed = ClosedPort::reserve();
+    let upstream_address = closed.address();
+    let pair = RelayPair::start(&format!("http://{upstream_address}"), &[]);
 
     for variant in VARIANTS {
         let mut connection = RawConnection::open(&pair.a.addr());
@@ -1050,7 +1049,8 @@ fn slow_upstream_is_504() {
 #[test]
 fn unreachable_peer_relay_is_502() {
     let fixture = Fixture::start();
-    let closed_peer = format!("http://127.0.0.1:{}", free_port());
+    let closed = ClosedPort::reserve();
+    let closed_peer = format!("http://{}", closed.address());
 
     for variant in VARIANTS {
         let mut request = fixture.request(variant, "GET", "/echo/no-peer");

@@ -89,6 +89,36 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("reading the local address of a bound listener failed").port()
 }
 
+/// A TCP port on 127.0.0.1 that refuses connections while this value lives. A socket is bound to
+/// the port without listening, so a connection attempt is reset and no relay or upstream started
+/// on port 0 can be given the same port, as can happen with a port from [`free_port`].
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    port: u16,
+}
+
+impl ClosedPort {
+    pub fn reserve() -> Self {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+            .expect("creating a TCP socket failed");
+        let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        socket.bind(&any_port.into()).expect("binding 127.0.0.1:0 failed");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|address| address.as_socket())
+            .expect("reading the local address of a bound socket failed")
+            .port();
+        Self { _socket: socket, port }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
 /// Returns byte `index` of the deterministic pattern that `/big` on the upstream streams:
 /// byte i is `(i * 31 + 7) % 251`.
 pub fn pattern_byte(index: u64) -> u8 {
