@@ -23,8 +23,8 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::{EncodeType, PairId, ProtocolError};
 
 /// AES-256-GCM on the encryption half of the AES key schedule. GCM runs AES only forwards, in
-/// counter mode and for the tag mask, so it never uses the inverse round keys that `Aes256Gcm`
-/// also expands for every key, at a cost in time and 240 bytes in every copy of a cipher.
+/// counter mode and for the tag mask, so it never uses the inverse round keys. `Aes256Gcm` also
+/// expands those for every key, which costs time and 240 bytes in every copy of a cipher.
 pub(crate) type ExchangeAead = AesGcm<Aes256Enc, U12>;
 
 /// Bytes of an AES-256-GCM key.

@@ -90,14 +90,15 @@ pub fn free_port() -> u16 {
 }
 
 /// A TCP port on 127.0.0.1 that refuses connections while this value lives. A socket is bound to
-/// the port without listening, so a connection attempt is reset and no relay or upstream started
-/// on port 0 can be given the same port, as can happen with a port from [`free_port`].
+/// the port without listening, so a connection attempt is reset. No relay or upstream started on
+/// port 0 can be given the same port, as can happen with a port from [`free_port`].
 pub struct ClosedPort {
     _socket: socket2::Socket,
     port: u16,
 }
 
 impl ClosedPort {
+    /// Binds a socket to a free port on 127.0.0.1 and keeps it bound until the value is dropped.
     pub fn reserve() -> Self {
         use socket2::{Domain, Protocol, Socket, Type};
         let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
@@ -113,7 +114,7 @@ impl ClosedPort {
         Self { _socket: socket, port }
     }
 
-    /// `127.0.0.1:<port>`.
+    /// Returns `127.0.0.1:<port>`, the address a test points a hop at.
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
