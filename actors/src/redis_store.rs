@@ -43,7 +43,8 @@ use api_relay_protocol::{ClientId, PairId};
 use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use bb8_redis::bb8::{self, PooledConnection, RunError};
-use bb8_redis::redis::{self, RedisError, Script};
+use bb8_redis::redis::io::tcp::TcpSettings;
+use bb8_redis::redis::{self, ConnectionInfo, IntoConnectionInfo, RedisError, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::sealing::{RecordBinding, RecordSealer};
@@ -198,13 +199,7 @@ impl RedisStore {
         if settings.key_prefix.contains(['{', '}']) {
             return Err(StoreError::Unavailable("the key prefix must not contain { or }".into()));
         }
-        // The message of a URL error never repeats the URL, which may contain a password.
-        let manager = RedisConnectionManager::new(settings.url.as_str()).map_err(|error| {
-            StoreError::Unavailable(format!(
-                "invalid Redis URL ({:?}), expected redis://host:6379 or rediss://host:6379",
-                error.kind()
-            ))
-        })?;
+        let manager = RedisConnectionManager::new(connection_info(&settings.url)?).map_err(invalid_url)?;
         let store = Arc::new(Self {
             pools: RwLock::default(),
             manager,
@@ -293,6 +288,27 @@ impl RedisStore {
             )),
         })
     }
+}
+
+/// Reads a Redis URL into connection settings, with `TCP_NODELAY` on. With Nagle's algorithm
+/// on, a command written while Redis has not yet acknowledged an earlier one on the same
+/// multiplexed connection waits for that acknowledgement, which in practice comes with the
+/// earlier reply.
+///
+/// # Errors
+/// `Unavailable` when the URL is not a valid Redis URL.
+fn connection_info(url: &str) -> Result<ConnectionInfo, StoreError> {
+    let info = url.into_connection_info().map_err(invalid_url)?;
+    Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
+}
+
+/// The error for a URL that is not a valid Redis URL. It never repeats the URL, which may
+/// contain a password.
+fn invalid_url(error: RedisError) -> StoreError {
+    StoreError::Unavailable(format!(
+        "invalid Redis URL ({:?}), expected redis://host:6379 or rediss://host:6379",
+        error.kind()
+    ))
 }
 
 /// Returns whether `error` means the connection itself is unusable, rather than a command that
@@ -578,5 +594,26 @@ impl StateStore for RedisStore {
             "PONG" => Ok(()),
             other => Err(StoreError::Unavailable(format!("ping returned {other:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_send_commands_without_delay() {
+        for url in ["redis://127.0.0.1:6379", "rediss://user:secret@cache.internal:6380/2"] {
+            let info = connection_info(url).unwrap();
+            assert!(info.tcp_settings().nodelay(), "{url}");
+        }
+    }
+
+    #[test]
+    fn invalid_url_error_leaves_the_url_out() {
+        let error = connection_info("http://user:hunter2@cache.internal").unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("invalid Redis URL"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
     }
 }
