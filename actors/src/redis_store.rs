@@ -290,10 +290,9 @@ impl RedisStore {
     }
 }
 
-/// Reads a Redis URL into connection settings, with `TCP_NODELAY` on. With Nagle's algorithm
-/// on, a command written while Redis has not yet acknowledged an earlier one on the same
-/// multiplexed connection waits for that acknowledgement, which in practice comes with the
-/// earlier reply.
+/// Reads a Redis URL into connection settings, with `TCP_NODELAY` on, as Redis sets it on its
+/// side of each connection: a command goes out with the write that produced it, and Nagle's
+/// algorithm never holds a short one back until an earlier short segment is acknowledged.
 ///
 /// # Errors
 /// `Unavailable` when the URL is not a valid Redis URL.
