@@ -290,9 +290,9 @@ impl RedisStore {
     }
 }
 
-/// Reads a Redis URL into connection settings, with `TCP_NODELAY` on, as Redis sets it on its
-/// side of each connection: a command goes out with the write that produced it, and Nagle's
-/// algorithm never holds a short one back until an earlier short segment is acknowledged.
+/// Reads a Redis URL into connection settings with `TCP_NODELAY` on, as Redis sets it on its own
+/// side of each connection. Each command then leaves in the write that produced it, and Nagle's
+/// algorithm never delays a short one until an earlier short segment is acknowledged.
 ///
 /// # Errors
 /// `Unavailable` when the URL is not a valid Redis URL.
@@ -301,8 +301,8 @@ fn connection_info(url: &str) -> Result<ConnectionInfo, StoreError> {
     Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
 }
 
-/// The error for a URL that is not a valid Redis URL. It never repeats the URL, which may
-/// contain a password.
+/// Builds the error for a URL that is not a valid Redis URL. The message never repeats the URL,
+/// which may contain a password.
 fn invalid_url(error: RedisError) -> StoreError {
     StoreError::Unavailable(format!(
         "invalid Redis URL ({:?}), expected redis://host:6379 or rediss://host:6379",
