@@ -34,6 +34,9 @@ fn main() -> ExitCode {
             println!(
                 "       api-relay demo              run an upstream, relay B and relay A on loopback and send one request"
             );
+            println!(
+                "       api-relay demo-upstream     run only the demo upstream API (BIND_ADDRESS, PORT; default 0.0.0.0:3000)"
+            );
             ExitCode::SUCCESS
         }
         _ => run_relay(&args),
