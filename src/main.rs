@@ -35,7 +35,7 @@ fn main() -> ExitCode {
                 "       api-relay demo              run an upstream, relay B and relay A on loopback and send one request"
             );
             println!(
-                "       api-relay demo-upstream     run only the demo upstream API (BIND_ADDRESS, PORT; default 0.0.0.0:3000)"
+                "       api-relay demo-upstream     run only the demo upstream API on BIND_ADDRESS:PORT (default 0.0.0.0:3000)"
             );
             ExitCode::SUCCESS
         }

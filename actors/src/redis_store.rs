@@ -291,8 +291,8 @@ impl RedisStore {
 }
 
 /// Reads a Redis URL into connection settings with `TCP_NODELAY` on, as Redis sets it on its own
-/// side of each connection. Each command then leaves in the write that produced it, and Nagle's
-/// algorithm never delays a short one until an earlier short segment is acknowledged.
+/// side of each connection. Nagle's algorithm then never delays a short command while an earlier
+/// short segment is unacknowledged.
 ///
 /// # Errors
 /// `Unavailable` when the URL is not a valid Redis URL.
