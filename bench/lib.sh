@@ -75,10 +75,24 @@ install_tools() {
     fi
 }
 
+# Builds the relay as BUILD selects: `pgo` (default) is the profile-guided build the
+# container image ships (deploy/build-pgo.sh), `plain` is `cargo build --release`.
 build_relay() {
-    log "building the relay in $RELAY_DIR: cargo build --release --locked"
-    (cd "$RELAY_DIR" && cargo build --release --locked)
-    RELAY_BIN=$RELAY_DIR/target/release/api-relay
+    case ${BUILD:=pgo} in
+        pgo)
+            [[ -f $RELAY_DIR/deploy/build-pgo.sh ]] ||
+                fail "$RELAY_DIR has no deploy/build-pgo.sh; measure it with BUILD=plain"
+            BUILD_COMMAND="bash deploy/build-pgo.sh"
+            RELAY_BIN=$RELAY_DIR/target/pgo/release/api-relay
+            ;;
+        plain)
+            BUILD_COMMAND="cargo build --release --locked"
+            RELAY_BIN=$RELAY_DIR/target/release/api-relay
+            ;;
+        *) fail "BUILD must be pgo or plain, not $BUILD" ;;
+    esac
+    log "building the relay in $RELAY_DIR: $BUILD_COMMAND"
+    (cd "$RELAY_DIR" && CARGO_TARGET="$RELAY_DIR/target/pgo" $BUILD_COMMAND)
     [[ -x $RELAY_BIN ]] || fail "relay binary not found at $RELAY_BIN after the build"
 }
 

@@ -22,6 +22,11 @@ TARGET_LABELS = {
 RELAY_TARGETS = ("relay", "relay-redis")
 LOAD_CASES = ("c100-1k", "c200-1k", "c300-1k")
 MIB = 1024 * 1024
+# Descriptions of the relay builds, by the BUILD setting of bench/run.sh.
+BUILDS = {
+    "pgo": "profile-guided release build (`deploy/build-pgo.sh`, as the container image ships it)",
+    "plain": "plain release build (`cargo build --release`)",
+}
 
 
 def parse_args():
@@ -275,14 +280,14 @@ def render(runs, meta, notes):
         "```sh",
         f"DURATION={meta['duration']} ROUNDS={meta['rounds']} bench/run.sh"
         + ("   # QUICK=1" if meta["quick"] else ""),
-        "cargo build --release --locked",
+        meta.get("build_command", "cargo build --release --locked"),
         "# every measured run, with BENCH_BODY_FILE, BENCH_OUTBOUND_TOKEN, BENCH_PEER and BENCH_DELAY_MS set:",
         f"wrk -t{meta['threads']} -c<connections> -d{meta['duration']} --timeout 5s -s bench/post.lua "
         "http://127.0.0.1:<port>/api[/64k|/1m]",
         "# relays (memory mode); the Redis pair adds REDIS_URL=redis://127.0.0.1:<port> and REDIS_KEY_PREFIX:",
         "UPSTREAM=http://127.0.0.1:<upstream> CLIENT_ID_SECRET=<random> OUTBOUND_TOKEN=<random> "
         "PAIRING_PSK=<random, same on both> PORT=<port> BIND_ADDRESS=127.0.0.1 LOG_FORMAT=json "
-        "[OUTBOUND_ALLOWLIST=http://127.0.0.1:<relay B>] target/release/api-relay",
+        f"[OUTBOUND_ALLOWLIST=http://127.0.0.1:<relay B>] {meta.get('relay_binary', 'target/release/api-relay')}",
         "redis-server --bind 127.0.0.1 --port <port> --save '' --appendonly no",
         "nginx -c <run folder>/{upstream,nginx-a,nginx-b}.conf -p <run folder>",
         "```",
@@ -295,8 +300,9 @@ def render(runs, meta, notes):
         "which requires a client certificate signed by the bench CA and proxies to the upstream. Both run 2 "
         "workers, keep-alive pools on every hop, request bodies streamed (`proxy_request_buffering off`), "
         "access logs buffered to files. Certificates: a throw-away CA, server and client certificates, ECDSA P-256.",
-        "- Relay pair: two release-build relays with default settings (workers = number of CPUs), JSON logs to "
-        "files. Between the relays the traffic is plain HTTP sealed by the relay protocol, with no TLS.",
+        f"- Relay pair: two relays of the {BUILDS.get(meta.get('build', 'plain'), 'release build')} with "
+        "default settings (workers = number of CPUs), JSON logs to files. Between the relays the traffic is "
+        "plain HTTP sealed by the relay protocol, with no TLS.",
         f"- Light load: 10 connections, each pausing {meta['light_delay_ms']} ms between a response and its next "
         "request (at most about 1000 requests/s), so latency is not queueing.",
         "- CPU µs/req: utime + stime from `/proc/<pid>/stat` over the run, divided by the requests wrk completed. "

@@ -11,6 +11,8 @@
 #   KEEP_RUN_DIR  1 keeps the temporary folder with configs, certificates and logs
 #   RELAY_DIR     source tree of the relay to build and measure (default: this repository)
 #   RELAY_COMMIT  commit shown in the report when RELAY_DIR is not a git checkout
+#   BUILD         pgo (default): the profile-guided build of deploy/build-pgo.sh, as the
+#                 container image ships it; plain: cargo build --release
 #
 # Every server listens on 127.0.0.1 only, and the EXIT trap stops exactly the processes this
 # script started, by PID.
@@ -167,6 +169,9 @@ meta = {
     "quick": "$QUICK" == "1",
     "clock_ticks_per_second": $(getconf CLK_TCK),
     "light_delay_ms": $LIGHT_DELAY_MS,
+    "build": "$BUILD",
+    "build_command": "$BUILD_COMMAND",
+    "relay_binary": "${RELAY_BIN#"$RELAY_DIR"/}",
     "commit": "$(git -C "$RELAY_DIR" rev-parse --short HEAD 2>/dev/null || echo "${RELAY_COMMIT:-unknown}")",
     "rustc": "$(rustc --version)",
     "nginx": "$(nginx -v 2>&1)",
