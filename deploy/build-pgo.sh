@@ -230,11 +230,16 @@ EOF
 cd "$REPO_DIR"
 install_tools
 WORK_DIR=$(mktemp -d /tmp/api-relay-pgo.XXXXXX)
-mkdir -p "$WORK_DIR/profiles" "$WORK_DIR/other-profiles"
+mkdir -p "$WORK_DIR/profiles"
 write_training_files
 
+# Profiles of processes outside the training, such as build scripts, go to a folder of their
+# own. Its path is fixed so that cargo reuses the instrumented build while the sources stay the
+# same.
+OTHER_PROFILES=$CARGO_TARGET/instrumented/other-profiles
+rm -rf "$OTHER_PROFILES"
 log "building the instrumented relay in $CARGO_TARGET/instrumented"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$WORK_DIR/other-profiles" \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$OTHER_PROFILES" \
     cargo build --release --locked --bin api-relay --target-dir "$CARGO_TARGET/instrumented"
 INSTRUMENTED=$CARGO_TARGET/instrumented/release/api-relay
 
@@ -242,7 +247,7 @@ OUTBOUND_TOKEN=$(openssl rand -hex 16)
 PAIRING_PSK=$(openssl rand -hex 32)
 UPSTREAM_PORT=$(free_port)
 # The demo upstream's profile is left out: it would weigh code the relays do not run.
-start upstream "$WORK_DIR/other-profiles" BIND_ADDRESS=127.0.0.1 PORT="$UPSTREAM_PORT" \
+start upstream "$OTHER_PROFILES" BIND_ADDRESS=127.0.0.1 PORT="$UPSTREAM_PORT" \
     "$INSTRUMENTED" demo-upstream
 wait_for_http "http://127.0.0.1:$UPSTREAM_PORT/api/items" 200
 
@@ -268,6 +273,7 @@ profiles=("$WORK_DIR"/profiles/*.profraw)
 ((${#profiles[@]} >= 4)) || fail "expected a profile from each relay, found ${#profiles[@]}"
 "$PROFDATA" merge -o "$WORK_DIR/merged.profdata" "${profiles[@]}"
 
+# The profile's path changes with every run, so cargo always builds again with the new profile.
 log "building the optimised relay in $CARGO_TARGET/release"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$WORK_DIR/merged.profdata" \
     cargo build --release --locked --bin api-relay --target-dir "$CARGO_TARGET"
