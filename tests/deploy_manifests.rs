@@ -238,7 +238,17 @@ fn dockerfile_runs_unprivileged_on_8080() {
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("EXPOSE 8080"), "Dockerfile must expose 8080");
     assert!(dockerfile.contains("USER 10001"), "Dockerfile must switch to the unprivileged user");
-    assert!(dockerfile.contains("--locked"), "release build must use the committed Cargo.lock");
+    assert!(dockerfile.contains("deploy/build-pgo.sh"), "Dockerfile must build with deploy/build-pgo.sh");
+    let builds: Vec<String> = read("deploy/build-pgo.sh")
+        .lines()
+        .map(str::trim_start)
+        .filter(|line| line.starts_with("cargo build"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(builds.len(), 2, "expected the instrumented and the optimised build, found {builds:?}");
+    for build in builds {
+        assert!(build.contains("--locked"), "release build must use the committed Cargo.lock: {build}");
+    }
     for copied in dockerfile.lines().filter(|line| line.starts_with("COPY ") && !line.contains("--from")) {
         for source in copied
             .split_whitespace()
