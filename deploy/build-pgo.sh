@@ -9,9 +9,10 @@
 # 3. Merges the recorded profiles with llvm-profdata (rustup component llvm-tools).
 # 4. Builds the relay again with the merged profile: target/pgo/release/api-relay.
 #
-# The compiler lays out and inlines the code for the paths the training ran often, which takes
-# about 10 % off the CPU time per exchange (bench/notes.md). Paths the training never ran, such
-# as error replies, are built for size, so they run somewhat slower.
+# The compiler lays out and inlines the code for the paths the training ran often. In
+# alternating benchmark runs on a 2-CPU AMD EPYC virtual machine, that took 16-19 % off the CPU
+# time per exchange in memory mode and 20-25 % in Redis mode (bench/notes.md). Code the training
+# never ran, such as most error replies, is optimised for size and may run somewhat slower.
 #
 # Usage: deploy/build-pgo.sh [OUTPUT]   copies the optimised binary to OUTPUT when given
 # Environment:
