@@ -22,6 +22,8 @@ COPY src src
 COPY deploy/build-pgo.sh deploy/
 # Two release builds (instrumented, then optimised with the profile) and about a minute and a
 # half of training between them. The crates download once into the cache mount.
+# NOTE: under emulation (buildx for another platform) the training runs many times slower and
+# may hit the script's 20 s start-up waits; build on a builder of the target platform.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     bash deploy/build-pgo.sh /src/api-relay
 

@@ -76,7 +76,7 @@ install_tools() {
 }
 
 # Builds the relay as BUILD selects: `pgo` (default) is the profile-guided build the
-# container image ships (deploy/build-pgo.sh), `plain` is `cargo build --release`.
+# container image ships (deploy/build-pgo.sh), `plain` is `cargo build --release --locked`.
 build_relay() {
     case ${BUILD:=pgo} in
         pgo)
@@ -92,7 +92,7 @@ build_relay() {
         *) fail "BUILD must be pgo or plain, not $BUILD" ;;
     esac
     log "building the relay in $RELAY_DIR: $BUILD_COMMAND"
-    (cd "$RELAY_DIR" && CARGO_TARGET="$RELAY_DIR/target/pgo" $BUILD_COMMAND)
+    (cd "$RELAY_DIR" && $BUILD_COMMAND)
     [[ -x $RELAY_BIN ]] || fail "relay binary not found at $RELAY_BIN after the build"
 }
 

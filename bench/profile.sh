@@ -2,8 +2,9 @@
 # CPU profile of a relay pair under load: perf samples both relays while wrk sends 1 KB POSTs
 # through them to the same nginx upstream bench/run.sh uses. Writes, per relay, a flame graph,
 # the folded stacks behind it and perf's samples (<relay>.perf.data), and one summary with the
-# throughput, the CPU per request and where that CPU goes. It builds the release relay first,
-# and installs perf (apt-get) and inferno (cargo install) when they are missing.
+# throughput, the CPU per request and where that CPU goes. It builds the relay first, as
+# bench/run.sh does, and installs perf (apt-get) and inferno (cargo install) when they are
+# missing.
 #
 # Usage: bench/profile.sh
 # Environment:
@@ -15,7 +16,8 @@
 #   PROFILE_DIR  folder for the profiles (default: target/profile in the relay's tree). Not
 #                OUT_DIR, which cargo gives build scripts: some rebuild when it changes.
 #   THREADS      wrk threads (default 2)
-#   KEEP_RUN_DIR, RELAY_DIR  as for bench/run.sh
+#   BUILD, KEEP_RUN_DIR, RELAY_DIR  as for bench/run.sh (BUILD=pgo, the default, profiles the
+#                profile-guided build)
 #
 # perf copies 8 KiB of stack per sample and unwinds it with the binary's DWARF tables, because
 # release builds keep no frame pointers. Reading the samples back takes about ten seconds per

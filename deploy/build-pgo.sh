@@ -16,8 +16,10 @@
 #
 # Usage: deploy/build-pgo.sh [OUTPUT]   copies the optimised binary to OUTPUT when given
 # Environment:
-#   TRAIN_SECONDS  length of each of the nine training loads (default 8)
-#   CARGO_TARGET   target folder for both builds (default target/pgo)
+#   TRAIN_SECONDS   length of each training load (default 8); there are nine with Redis, six
+#                   without
+#   PGO_TARGET_DIR  cargo target folder of the optimised build (default target/pgo). The
+#                   instrumented build goes to its subfolder `instrumented`.
 #
 # Every server listens on 127.0.0.1 only, and the EXIT trap stops exactly the processes this
 # script started, by PID.
@@ -25,10 +27,12 @@ set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TRAIN_SECONDS=${TRAIN_SECONDS:-8}
-CARGO_TARGET=${CARGO_TARGET:-$REPO_DIR/target/pgo}
+PGO_TARGET_DIR=${PGO_TARGET_DIR:-$REPO_DIR/target/pgo}
 OUTPUT=${1:-}
 PIDS=()
 WORK_DIR=""
+# Names of the relays started for training. Each must write a profile.
+TRAINED_RELAYS=()
 
 log() {
     printf '[build-pgo %(%H:%M:%S)T] %s\n' -1 "$*" >&2
@@ -110,6 +114,15 @@ free_port() {
     fail "no free port found on 127.0.0.1"
 }
 
+# Waits up to 20 s until something listens on port $1 of 127.0.0.1.
+wait_for_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    fail "nothing listens on 127.0.0.1:$1 after 20 s"
+}
+
 # Waits up to 20 s until a GET of $1 returns status $2.
 wait_for_http() {
     local url=$1 expected=$2 status=""
@@ -149,6 +162,7 @@ start_pair() {
         OUTBOUND_ALLOWLIST="http://127.0.0.1:$port_b" \
         PAIRING_PSK="$PAIRING_PSK" BIND_ADDRESS=127.0.0.1 PORT="$port_a" LOG_FORMAT=json \
         "${extra[@]}" REDIS_KEY_PREFIX=train-a "$INSTRUMENTED"
+    TRAINED_RELAYS+=("relay-b-$mode" "relay-a-$mode")
     RELAY_A="http://127.0.0.1:$port_a"
     RELAY_B="http://127.0.0.1:$port_b"
     wait_for_http "$RELAY_B/readyz" 200
@@ -158,7 +172,7 @@ start_pair() {
 # ---------------------------------------------------------------------------------------------
 # Training loads
 
-# One wrk run through the pair: $1 connections, $2 path, $3 body file or "-" for a GET, $4
+# Runs wrk once through the pair: $1 connections, $2 path, $3 body file or "-" for a GET, $4
 # pause in milliseconds between a response and the next request on a connection, then extra
 # request headers as "name: value".
 load() {
@@ -177,14 +191,16 @@ load() {
         fail "wrk failed: $(cat "$WORK_DIR/wrk.out")"
     local summary
     summary=$(grep -E 'Requests/sec|Non-2xx|Socket errors' "$WORK_DIR/wrk.out" | tr -s ' ' | tr '\n' ';')
-    log "c$connections $path ${body##*/} $*: $summary"
+    local method=POST
+    [[ $body != - ]] || method=GET
+    log "$method $path, $connections connections, body ${body##*/}, ${*:-no extra headers}: $summary"
     if grep -q 'Non-2xx' "$WORK_DIR/wrk.out"; then
         fail "training requests failed; see $WORK_DIR"
     fi
 }
 
-# Runs the training loads through the pair: all of them, or with $1 = small only those without
-# large bodies or MTE, whose code Redis mode shares with memory mode.
+# Runs the training loads through the pair. With $1 = small it skips the large-body and MTE
+# loads: Redis mode runs the same code for them, and memory mode has trained it already.
 train_pair() {
     local json=(content-type:\ application/json)
     load 64 /api/echo "$WORK_DIR/body-1k.json" 0 "${json[@]}"
@@ -237,12 +253,12 @@ write_training_files
 # Profiles of processes outside the training, such as build scripts, go to a folder of their
 # own. Its path is fixed so that cargo reuses the instrumented build while the sources stay the
 # same.
-OTHER_PROFILES=$CARGO_TARGET/instrumented/other-profiles
+OTHER_PROFILES=$PGO_TARGET_DIR/instrumented/other-profiles
 rm -rf "$OTHER_PROFILES"
-log "building the instrumented relay in $CARGO_TARGET/instrumented"
+log "building the instrumented relay in $PGO_TARGET_DIR/instrumented"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$OTHER_PROFILES" \
-    cargo build --release --locked --bin api-relay --target-dir "$CARGO_TARGET/instrumented"
-INSTRUMENTED=$CARGO_TARGET/instrumented/release/api-relay
+    cargo build --release --locked --bin api-relay --target-dir "$PGO_TARGET_DIR/instrumented"
+INSTRUMENTED=$PGO_TARGET_DIR/instrumented/release/api-relay
 
 OUTBOUND_TOKEN=$(openssl rand -hex 16)
 PAIRING_PSK=$(openssl rand -hex 32)
@@ -261,6 +277,7 @@ if command -v redis-server >/dev/null; then
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
         --dir "$WORK_DIR" --logfile "$WORK_DIR/redis.log" &
     PIDS+=($!)
+    wait_for_port "$REDIS_PORT"
     log "training in Redis mode"
     start_pair redis
     train_pair small
@@ -270,17 +287,20 @@ fi
 stop_processes
 
 shopt -s nullglob
+for relay in "${TRAINED_RELAYS[@]}"; do
+    written=("$WORK_DIR/profiles/$relay"-*.profraw)
+    ((${#written[@]} > 0)) || fail "$relay wrote no profile; see $WORK_DIR/$relay.log"
+done
 profiles=("$WORK_DIR"/profiles/*.profraw)
-((${#profiles[@]} >= 4)) || fail "expected a profile from each relay, found ${#profiles[@]}"
 "$PROFDATA" merge -o "$WORK_DIR/merged.profdata" "${profiles[@]}"
 
 # The profile's path changes with every run, so cargo always builds again with the new profile.
-log "building the optimised relay in $CARGO_TARGET/release"
+log "building the optimised relay in $PGO_TARGET_DIR/release"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$WORK_DIR/merged.profdata" \
-    cargo build --release --locked --bin api-relay --target-dir "$CARGO_TARGET"
+    cargo build --release --locked --bin api-relay --target-dir "$PGO_TARGET_DIR"
 if [[ -n $OUTPUT ]]; then
-    cp "$CARGO_TARGET/release/api-relay" "$OUTPUT"
+    cp "$PGO_TARGET_DIR/release/api-relay" "$OUTPUT"
     log "optimised relay copied to $OUTPUT"
 else
-    log "optimised relay: $CARGO_TARGET/release/api-relay"
+    log "optimised relay: $PGO_TARGET_DIR/release/api-relay"
 fi
