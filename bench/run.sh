@@ -12,7 +12,7 @@
 #   RELAY_DIR     source tree of the relay to build and measure (default: this repository)
 #   RELAY_COMMIT  commit shown in the report when RELAY_DIR is not a git checkout
 #   BUILD         pgo (default): the profile-guided build of deploy/build-pgo.sh, as the
-#                 container image ships it; plain: cargo build --release
+#                 container image ships it; plain: cargo build --release --locked
 #
 # Every server listens on 127.0.0.1 only, and the EXIT trap stops exactly the processes this
 # script started, by PID.

@@ -120,7 +120,7 @@ wait_for_port() {
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
-    fail "nothing listens on 127.0.0.1:$1 after 20 s"
+    fail "no server listens on 127.0.0.1:$1 after 20 s; see the logs in $WORK_DIR"
 }
 
 # Waits up to 20 s until a GET of $1 returns status $2.
@@ -131,7 +131,7 @@ wait_for_http() {
         [[ $status == "$expected" ]] && return 0
         sleep 0.1
     done
-    fail "$url did not answer $expected within 20 s (last status: ${status:-none})"
+    fail "$url did not return $expected within 20 s (last status: ${status:-none})"
 }
 
 # Starts one process of the instrumented binary. $1 names it and its log, $2 is the folder its
