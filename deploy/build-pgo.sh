@@ -9,11 +9,11 @@
 # 3. Merges the recorded profiles with llvm-profdata (rustup component llvm-tools).
 # 4. Builds the relay again with the merged profile: target/pgo/release/api-relay.
 #
-# The compiler lays out and inlines the code for the paths the training ran often. In
-# alternating benchmark runs on 2-CPU virtual machines, that took 9-11 % (Intel Xeon) and
-# 16-19 % (AMD EPYC) off the CPU time per exchange in memory mode, and 8-14 % and 20-25 % in
-# Redis mode (bench/notes.md). Code the training never ran, such as most error replies, is
-# optimised for size and may run somewhat slower.
+# The compiler lays out and inlines the code for the paths the training ran often. Alternating
+# benchmark runs on 2-CPU virtual machines measured the cut in CPU time per exchange
+# (bench/notes.md). On an Intel Xeon machine it was 9-11 % in memory mode and 8-13 % in Redis
+# mode. On an AMD EPYC machine it was 16-19 % and 20-25 %. Code the training never ran, such as
+# most error replies, is optimised for size and may run somewhat slower.
 #
 # Usage: deploy/build-pgo.sh [OUTPUT]   copies the optimised binary to OUTPUT when given
 # Environment:
