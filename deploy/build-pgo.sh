@@ -102,12 +102,17 @@ install_tools() {
 # ---------------------------------------------------------------------------------------------
 # Processes
 
+# Succeeds when something accepts a TCP connection on port $1 of 127.0.0.1.
+listening() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
 # Prints a TCP port on 127.0.0.1 that nothing listens on, picked at random from 20000-59999.
 free_port() {
     local port
     for _ in $(seq 1 100); do
         port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        if ! listening "$port"; then
             echo "$port"
             return 0
         fi
@@ -118,7 +123,7 @@ free_port() {
 # Waits up to 20 s until something listens on port $1 of 127.0.0.1.
 wait_for_port() {
     for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        listening "$1" && return 0
         sleep 0.1
     done
     fail "no server listens on 127.0.0.1:$1 after 20 s; see the logs in $WORK_DIR"
